@@ -1,0 +1,5 @@
+"""Helpers for the book "Beyond [cls]": data, backbones, attention statistics, pooling heads, probes."""
+from .errors import SelaggError
+
+__version__ = "0.1.0"
+__all__ = ["SelaggError", "__version__"]

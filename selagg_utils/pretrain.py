@@ -1,0 +1,224 @@
+"""Two small self-supervised recipes for the tiny ViT: a masked autoencoder and a contrastive JEA.
+
+Both use timm's VisionTransformer as the encoder, so everything downstream treats them exactly like
+the real `vit_base_patch16_224.mae` / `.dino` checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from tqdm.auto import tqdm
+
+
+# ----------------------------------------------------------------------------- patches
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order like the ViT's tokens."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)  # (B, C, gh, p, gw, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """(B, N, p*p*C) -> (B, C, H, W) for a square grid; the inverse of `patchify`."""
+    b, n, _ = patches.shape
+    g, p = math.isqrt(n), patch_size
+    x = patches.reshape(b, g, g, p, p, channels)  # (B, gh, gw, p, p, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, g * p, g * p)
+
+
+def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the kept patches (B, n_keep), mask (B, N) with 1 = hidden), uniformly at random."""
+    n_keep = max(1, int(round(num_patches * (1 - mask_ratio))))
+    noise = torch.rand(batch, num_patches, generator=generator, device=device)
+    order = noise.argsort(dim=1)
+    keep = order[:, :n_keep]
+    mask = torch.ones(batch, num_patches, device=device)
+    mask.scatter_(1, keep, 0.0)
+    return keep, mask
+
+
+# ----------------------------------------------------------------------------- MAE
+class MaeDecoder(nn.Module):
+    """A light Transformer that fills in the hidden patches from the encoder's visible tokens.
+
+    Besides the normalised pixels of each patch (MAE's target) it predicts the patch's mean and
+    standard deviation, so reconstructions can be shown in pixels without peeking at the target.
+    """
+
+    def __init__(self, embed_dim: int, num_patches: int, patch_dim: int, dim: int = 128, depth: int = 2,
+                 num_heads: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch_dim + 2)  # normalised pixels, then (mean, std) of the patch
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """Encoder tokens ([cls] + visible) -> per-patch predictions (B, N, patch_dim + 2)."""
+        x = self.embed(latent)
+        b, d = x.shape[0], x.shape[-1]
+        full = self.mask_token.expand(b, num_patches, d).clone()
+        full.scatter_(1, keep[..., None].expand(-1, -1, d), x[:, 1:])  # visible tokens back in place
+        x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.pred(x[:, 1:])
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE (He et al., 2022) around a timm ViT: encode the visible 25%, decode all, score the hidden."""
+
+    def __init__(self, encoder: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 128,
+                 decoder_depth: int = 2, decoder_heads: int = 4, norm_eps: float = 1e-2, stats_weight: float = 10.0):
+        super().__init__()
+        self.encoder, self.mask_ratio = encoder, mask_ratio
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.channels = encoder.patch_embed.proj.in_channels
+        self.num_patches = encoder.patch_embed.num_patches
+        self.decoder = MaeDecoder(encoder.embed_dim, self.num_patches, self.patch_size ** 2 * self.channels,
+                                  decoder_dim, decoder_depth, decoder_heads)
+        self.norm_eps, self.stats_weight = norm_eps, stats_weight
+
+    def encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """[cls] + the kept patch tokens through the encoder: (B, 1 + n_keep, D)."""
+        enc = self.encoder
+        x = enc.patch_embed(images) + enc.pos_embed[:, enc.num_prefix_tokens:]
+        x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = enc.norm_pre(torch.cat([cls, x], dim=1))
+        return enc.norm(enc.blocks(x))
+
+    def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per patch: normalised pixels (B, N, P), mean (B, N) and std (B, N)."""
+        patches = patchify(images, self.patch_size)
+        mean, std = patches.mean(-1), patches.std(-1)
+        return (patches - mean[..., None]) / (std[..., None] ** 2 + self.norm_eps).sqrt(), mean, std
+
+    def forward(self, images: torch.Tensor, mask_ratio: float | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms on the hidden patches, the pixel reconstruction and the mask (1 = hidden)."""
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        keep, mask = random_masking(images.shape[0], self.num_patches, ratio, images.device, generator)
+        out = self.decoder(self.encode_visible(images, keep), keep, self.num_patches)
+        pred_norm, pred_mean, pred_std = out[..., :-2], out[..., -2], out[..., -1]
+        target, mean, std = self.targets(images)
+        hidden = mask.sum().clamp_min(1)
+        pixel_loss = (((pred_norm - target) ** 2).mean(-1) * mask).sum() / hidden
+        stats_loss = (((pred_mean - mean) ** 2 + (pred_std - std) ** 2) * mask).sum() / hidden
+        recon = pred_norm * (pred_std.clamp_min(0)[..., None] ** 2 + self.norm_eps).sqrt() + pred_mean[..., None]
+        return {"loss": pixel_loss + self.stats_weight * stats_loss, "norm_pix_loss": pixel_loss,
+                "stats_loss": stats_loss, "reconstruction": unpatchify(recon, self.patch_size, self.channels),
+                "mask": mask}
+
+
+def mean_fill_baseline(images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Each hidden patch filled with the mean of the image's visible pixels (a model-free baseline)."""
+    patches = patchify(images, patch_size)
+    visible = (1 - mask)[..., None]
+    fill = (patches * visible).sum((1, 2)) / (visible.sum((1, 2)) * patches.shape[-1])
+    filled = torch.where(mask[..., None].bool(), fill[:, None, None].expand_as(patches), patches)
+    return unpatchify(filled, patch_size, images.shape[1])
+
+
+def hidden_patch_mse(prediction: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> float:
+    """Mean squared error in pixels over the hidden patches only."""
+    err = ((patchify(prediction, patch_size) - patchify(images, patch_size)) ** 2).mean(-1)
+    return float((err * mask).sum() / mask.sum())
+
+
+# ----------------------------------------------------------------------------- contrastive JEA
+def random_views(images: torch.Tensor, generator: torch.Generator | None = None, min_area: float = 0.4,
+                 max_noise: float = 0.05) -> torch.Tensor:
+    """A random augmented view of each image: resized crop, brightness/contrast jitter, noise."""
+    b, device = images.shape[0], images.device
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator, device=device)
+
+    area, log_ratio = uniform(min_area, 1.0), uniform(math.log(3 / 4), math.log(4 / 3))
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    cx, cy = uniform(-1, 1) * (1 - w), uniform(-1, 1) * (1 - h)
+    theta = torch.zeros(b, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    views = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast, brightness = uniform(0.6, 1.4)[:, None, None, None], uniform(-0.1, 0.1)[:, None, None, None]
+    mean = views.mean((1, 2, 3), keepdim=True)
+    views = (views - mean) * contrast + mean + brightness
+    noise = torch.randn(views.shape, generator=generator, device=device)
+    return views + noise * uniform(0.0, max_noise)[:, None, None, None]
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """Symmetric InfoNCE (NT-Xent): each view must pick its partner among the other 2B - 1 embeddings."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    b = z1.shape[0]
+    partner = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, partner)
+
+
+class ContrastiveJEA(nn.Module):
+    """A joint-embedding model trained through [cls]: two views of an image must agree (SimCLR / MoCo v3 style)."""
+
+    def __init__(self, encoder: VisionTransformer, proj_dim: int = 128, hidden: int = 512, temperature: float = 0.2):
+        super().__init__()
+        self.encoder, self.temperature = encoder, temperature
+        d = encoder.embed_dim
+        self.projector = nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden, proj_dim))
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """InfoNCE between the projected [cls] embeddings of two random views."""
+        v1, v2 = random_views(images, generator), random_views(images, generator)
+        z = self.projector(self.encoder(torch.cat([v1, v2])))  # encoder(x) is the [cls] output
+        z1, z2 = z.chunk(2)
+        return {"loss": info_nce(z1, z2, self.temperature)}
+
+
+# ----------------------------------------------------------------------------- training loop
+def train_steps(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float = 1e-3,
+                weight_decay: float = 0.05, warmup: int | None = None, betas: tuple[float, float] = (0.9, 0.95),
+                device: torch.device | str = "cpu", seed: int = 0, progress: bool = True,
+                extra_logs: Callable[[dict], dict] | None = None) -> list[dict]:
+    """AdamW with warm-up and cosine decay (timm's), for a fixed number of steps; returns the loss history."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    model.to(device).train()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=betas)
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    schedule = CosineLRScheduler(optimizer, t_initial=steps, warmup_t=warmup, warmup_lr_init=lr / 100,
+                                 lr_min=lr / 100, t_in_epochs=False)
+    history, start = [], time.perf_counter()
+    bar = tqdm(range(steps), desc=type(model).__name__, disable=not progress, mininterval=2.0)
+    for step in bar:
+        schedule.step_update(step)
+        images, _ = next(batches)
+        out = model(images.to(device), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        row = {"step": step, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start,
+               **{k: float(v.detach()) for k, v in out.items() if v.ndim == 0}}
+        history.append(row)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+    model.eval()
+    return history

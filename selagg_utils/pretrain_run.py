@@ -1,0 +1,90 @@
+"""One call that trains a tiny backbone and writes its checkpoint and manifest (used by scripts/)."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+from . import __version__
+from .checkpoints import save_checkpoint
+from .config import device as pick_device
+from .data import DigitStream, DigitsRecipe
+from .models import CHECKPOINT_DIR, TINY_CONFIG, tiny_vit
+from .pretrain import ContrastiveJEA, MaskedAutoencoder, train_steps
+
+DEFAULTS = {"mae": {"steps": 2000, "lr": 1.5e-3}, "jea": {"steps": 600, "lr": 1e-3}, "random": {"steps": 0, "lr": 0.0}}
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the working tree, when there is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def device_name(dev: torch.device) -> str:
+    """A readable name of the device that trained the model."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, lr: float | None = None,
+                  seed: int = 0, device: str | None = None, threads: int | None = None,
+                  out_dir: Path | None = None, progress: bool = True) -> dict:
+    """Train `tiny-<method>` and save it; returns the manifest that was written."""
+    if threads:
+        torch.set_num_threads(threads)
+    steps = DEFAULTS[method]["steps"] if steps is None else steps
+    lr = DEFAULTS[method]["lr"] if lr is None else lr
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    encoder = tiny_vit()
+    recipe = DigitsRecipe()
+    model = {"mae": lambda: MaskedAutoencoder(encoder), "jea": lambda: ContrastiveJEA(encoder),
+             "random": lambda: None}[method]()
+    start, history = time.perf_counter(), []
+    if model is not None:
+        history = train_steps(model, DigitStream(batch_size, seed=seed, recipe=recipe), steps, lr=lr,
+                              device=dev, seed=seed, progress=progress)
+    wall = time.perf_counter() - start
+    state = {f"backbone.{k}": v for k, v in encoder.state_dict().items()}
+    if method == "mae":
+        state.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
+    tail = history[-50:]
+    manifest = {
+        "name": f"tiny-{method}",
+        "method": {"mae": "masked autoencoder (MAE)", "jea": "contrastive joint-embedding (InfoNCE on [cls])",
+                   "random": "untrained control (random initialisation)"}[method],
+        "model_config": TINY_CONFIG,
+        "decoder_config": ({"dim": 128, "depth": 2, "num_heads": 4, "mask_ratio": model.mask_ratio,
+                            "norm_eps": model.norm_eps, "stats_weight": model.stats_weight} if method == "mae" else None),
+        "data_recipe": {"dataset": "cluttered-digits, fresh images every batch from the train source digits",
+                        **recipe.to_dict()},
+        "training_recipe": {"steps": steps, "batch_size": batch_size, "optimizer": "AdamW (timm)", "lr": lr,
+                            "betas": [0.9, 0.95], "weight_decay": 0.05, "schedule": "5% warm-up, cosine to lr/100",
+                            "seed": seed, **({"temperature": model.temperature, "views": "random resized crop "
+                                              "(area 0.4-1), brightness/contrast jitter, noise"} if method == "jea" else {})},
+        "images_seen": steps * batch_size,
+        "epochs": round(steps * batch_size / 10_000, 1),
+        "epochs_note": "epochs-equivalent: images seen / 10,000 (the default train split size)",
+        "wall_time_s": round(wall, 1),
+        "device": device_name(dev),
+        "final_loss": round(sum(r["loss"] for r in tail) / len(tail), 4) if tail else None,
+        "loss_curve": [[r["step"], round(r["loss"], 4)] for r in history[:: max(1, len(history) // 100)]],
+        "code_version": code_version(),
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if method == "mae":
+        manifest["final_norm_pix_loss"] = round(sum(r["norm_pix_loss"] for r in tail) / len(tail), 4)
+    out = Path(out_dir or CHECKPOINT_DIR)
+    return save_checkpoint(out / f"tiny-{method}.safetensors", state, manifest)

@@ -1,0 +1,209 @@
+"""Figures for the book, and `show_source` to display package code inside a notebook."""
+from __future__ import annotations
+
+import inspect
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def show_source(obj) -> None:
+    """Display the source code of a package function or class, highlighted, in a notebook."""
+    code = inspect.getsource(obj)
+    try:
+        from IPython.display import Code, display
+
+        display(Code(code, language="python"))
+    except ImportError:  # outside IPython
+        print(code)
+
+
+def image_grid(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8, size: float = 1.4,
+               cmap: str = "gray", suptitle: str | None = None) -> plt.Figure:
+    """A grid of (N, 1, H, W) or (N, H, W) images with optional titles."""
+    imgs = images[:, 0] if images.ndim == 4 else images
+    n = len(imgs)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(imgs[i].detach().cpu().numpy(), cmap=cmap, vmin=0, vmax=1)
+            if titles:
+                ax.set_title(titles[i], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def outline_mask(ax: plt.Axes, mask: torch.Tensor, patch_size: int, color: str = "red") -> None:
+    """Draw the outline of the patches where `mask` (gh, gw) is True on an image axis."""
+    m = mask.cpu().numpy().astype(bool)
+    for r, c in zip(*np.nonzero(m)):
+        y, x = r * patch_size - 0.5, c * patch_size - 0.5
+        edges = [((x, x + patch_size), (y, y), r == 0 or not m[r - 1, c]),
+                 ((x, x + patch_size), (y + patch_size, y + patch_size), r == m.shape[0] - 1 or not m[r + 1, c]),
+                 ((x, x), (y, y + patch_size), c == 0 or not m[r, c - 1]),
+                 ((x + patch_size, x + patch_size), (y, y + patch_size), c == m.shape[1] - 1 or not m[r, c + 1])]
+        for xs, ys, draw in edges:
+            if draw:
+                ax.plot(xs, ys, color=color, lw=1)
+
+
+# ----------------------------------------------------------------------------- attention (chapter 04)
+def displayable(image: torch.Tensor) -> np.ndarray:
+    """An image tensor (C, H, W) as an array imshow can draw: (H, W) gray or (H, W, 3) scaled to [0, 1]."""
+    img = image.detach().float().cpu()
+    if img.ndim == 3 and img.shape[0] == 1:
+        return img[0].numpy()
+    img = img.permute(1, 2, 0) if img.ndim == 3 else img
+    lo, hi = img.min(), img.max()
+    return ((img - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+
+
+def overlay_attention(ax: plt.Axes, image: torch.Tensor, attention: torch.Tensor, vmax: float | None = None,
+                      alpha: float = 0.6, cmap: str = "inferno"):
+    """Draw an image with a (gh, gw) attention map over it; returns the map's artist for a colour bar."""
+    shown = displayable(image)
+    h, w = shown.shape[:2]
+    ax.imshow(shown, cmap="gray")
+    artist = ax.imshow(attention.detach().float().cpu().numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=vmax,
+                       extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return artist
+
+
+def attention_grid(image: torch.Tensor, maps: torch.Tensor, title: str, size: float = 1.5,
+                   block_ids: list[int] | None = None) -> plt.Figure:
+    """A blocks x heads grid of (blocks, heads, gh, gw) attention maps over one image, on one colour scale."""
+    blocks, heads = maps.shape[:2]
+    block_ids = list(range(blocks)) if block_ids is None else block_ids
+    vmax = float(maps.max())
+    fig, axes = plt.subplots(blocks, heads, figsize=(size * heads + 1.2, size * blocks + 0.6), squeeze=False)
+    for b in range(blocks):
+        for h in range(heads):
+            artist = overlay_attention(axes[b, h], image, maps[b, h], vmax=vmax)
+            axes[b, h].set_title(f"Block {block_ids[b] + 1}, Head {h + 1}", fontsize=8)
+    fig.colorbar(artist, ax=axes, shrink=0.6, label="attention probability")
+    fig.suptitle(title)
+    return fig
+
+
+def block_curves(results: dict, statistic: str, ax: plt.Axes | None = None) -> plt.Figure:
+    """One statistic per block, one line per model: `results` maps a model name to its AttentionStatistics."""
+    from .attention import STATISTICS
+
+    fig, ax = plt.subplots(figsize=(5, 3.2)) if ax is None else (ax.figure, ax)
+    for name, stats in results.items():
+        if statistic in stats:
+            blocks = np.arange(1, stats.depth + 1)
+            ax.plot(blocks, stats[statistic], marker="o", label=name)
+    if statistic.endswith("_norm"):
+        ax.axhline(1.0, color="gray", ls="--", lw=1, label="uniform")
+    ax.set_ylim(bottom=0)  # every statistic is non-negative; a zero baseline keeps small gaps small
+    ax.set_xlabel("block")
+    ax.set_ylabel(statistic)
+    ax.set_title(STATISTICS.get(statistic, statistic), fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attention_explorer_figure(images: torch.Tensor, maps, image: int = 0, block: int = -1, head: int | None = None,
+                              query="cls") -> plt.Figure:
+    """The image with its query token marked, beside the query's attention over the patches (head None: mean)."""
+    layout = maps.layout
+    block = block % maps.probs.shape[0]
+    amap = maps.query_map(query)[block, image]
+    amap = amap.mean(0) if head is None else amap[head]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.5, 3.6))
+    left.imshow(displayable(images[image]), cmap="gray")
+    left.set_xticks([])
+    left.set_yticks([])
+    index = maps.query_index(query) - layout.num_prefix
+    if index >= 0:  # a patch query: outline it
+        ph, pw = (s / g for s, g in zip(displayable(images[image]).shape[:2], layout.grid))
+        r, c = divmod(index, layout.grid[1])
+        left.add_patch(plt.Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="cyan", lw=2))
+    left.set_title(f"image {image}, query {query}")
+    artist = overlay_attention(right, images[image], amap)
+    fig.colorbar(artist, ax=right, label="attention probability")
+    right.set_title(f"Block {block + 1}, {'mean of heads' if head is None else f'Head {head + 1}'}")
+    return fig
+
+
+def attention_explorer(images: torch.Tensor, maps):
+    """An ipywidgets explorer of `AttentionMaps`: pick the image, block, head and query token."""
+    import ipywidgets as widgets
+
+    blocks, n_images, heads = maps.probs.shape[:3]
+    queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid[0])
+                                                 for c in range(maps.layout.grid[1])]
+
+    def show(image: int, block: int, head, query) -> None:
+        attention_explorer_figure(images, maps, image, block - 1, None if head == "mean" else head - 1, query)
+        plt.show()
+
+    return widgets.interactive(
+        show, image=widgets.IntSlider(0, 0, n_images - 1, description="image"),
+        block=widgets.IntSlider(blocks, 1, blocks, description="block"),
+        head=widgets.Dropdown(options=["mean", *range(1, heads + 1)], description="head"),
+        query=widgets.Dropdown(options=[(str(q), q) for q in queries], description="query"))
+
+
+def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: float | None = None,
+                  vmax: float | None = None, size: float = 2.6) -> plt.Figure:
+    """One (gh, gw) map per panel on a shared colour scale, e.g. probe accuracy per patch position."""
+    values = torch.stack([m.detach().float().cpu() for m in maps.values()])
+    vmin = float(values.min()) if vmin is None else vmin
+    vmax = float(values.max()) if vmax is None else vmax
+    fig, axes = plt.subplots(1, len(maps), figsize=(size * len(maps) + 1.0, size + 0.5), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        artist = ax.imshow(m.detach().float().cpu().numpy(), cmap="viridis", vmin=vmin, vmax=vmax)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("patch column")
+        ax.set_ylabel("patch row")
+    fig.colorbar(artist, ax=axes, shrink=0.8, label=label)
+    fig.suptitle(title)
+    return fig
+
+
+def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], masks: torch.Tensor | None = None,
+                patch_size: int | None = None, size: float = 1.5) -> plt.Figure:
+    """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale."""
+    n = len(images)
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.5, size * len(rows) + 0.4), squeeze=False)
+    for r, (name, weights) in enumerate(rows.items()):
+        vmax = float(weights.max())
+        for i in range(n):
+            artist = overlay_attention(axes[r, i], images[i], weights[i], vmax=vmax)
+            if masks is not None and patch_size is not None:
+                outline_mask(axes[r, i], masks[i], patch_size, color="cyan")
+        axes[r, 0].set_ylabel(name, fontsize=8)
+        fig.colorbar(artist, ax=axes[r].tolist(), shrink=0.8, label="weight")
+    return fig
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table (shown with IPython.display.Markdown, printed as text elsewhere)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def show_table(header: list[str], rows: list[list]) -> None:
+    """Display a Markdown table in a notebook (plain text outside one)."""
+    text = markdown_table(header, rows)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+
+        if get_ipython() is not None:
+            display(Markdown(text))
+            return
+    except ImportError:
+        pass
+    print(text)

@@ -1,0 +1,93 @@
+"""The feature cache: keyed by everything that determines the tokens, atomic, refuses a wrong entry."""
+import os
+
+import pytest
+import torch
+
+from selagg_utils import SelaggError
+from selagg_utils import features as feat
+from selagg_utils.data import load_dataset
+from selagg_utils.models import load_backbone
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(feat.CACHE_ENV, str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("cluttered-digits", "val", n_images=24, seed=0)
+
+
+def test_extract_tokens_keeps_its_contract(data):
+    model = load_backbone("tiny-random")
+    tokens, labels = feat.extract_tokens(model, data, batch_size=10, progress=False)
+    assert tokens.shape == (24, 65, 128) and tokens.dtype == torch.float32
+    assert torch.equal(labels, data.labels)
+
+
+def test_cached_tokens_are_extracted_once_then_loaded(cache, data, monkeypatch):
+    first = feat.cached_tokens("tiny-random", data, batch_size=10, progress=False)
+    assert first.tokens.dtype == torch.float16 and first.tokens.shape == (24, 65, 128)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("extracted again"))
+    again = feat.cached_tokens("tiny-random", data, progress=False)
+    assert torch.equal(again.tokens, first.tokens) and again.key == first.key
+    assert (again.num_prefix_tokens, again.has_cls, again.grid_size) == (1, True, (8, 8))
+
+
+def test_last_block_equals_forward_features(cache, data):
+    model = load_backbone("tiny-random")
+    cached = feat.cached_tokens("tiny-random", data, progress=False)
+    with torch.no_grad():
+        expected = model.forward_features(data.images).half()
+    assert torch.equal(cached.tokens, expected)
+
+
+def test_several_blocks_in_one_pass_and_distinct_keys(cache, data):
+    sets = feat.cached_blocks("tiny-random", data, [2, 6, None], progress=False)
+    assert len({feat.key_digest(s.key) for s in sets}) == 3
+    assert torch.equal(sets[1].tokens, sets[2].tokens)  # block 6 with the final norm is the last block
+    assert not torch.equal(sets[0].tokens, sets[1].tokens)
+
+
+def test_key_depends_on_split_size_and_block(data):
+    other = load_dataset("cluttered-digits", "val", n_images=25, seed=0)
+    k = feat.cache_key("tiny-random", data, "last", True)
+    assert k != feat.cache_key("tiny-random", other, "last", True)
+    assert k != feat.cache_key("tiny-random", data, 3, True)
+    assert len(k["sha256"]) == 64
+
+
+def test_killed_extraction_leaves_nothing_loadable(cache, data, monkeypatch):
+    def dies_halfway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feat, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        feat.cached_tokens("tiny-random", data, progress=False)
+    assert list(cache.glob("*.safetensors")) == [] and os.listdir(cache) == []
+
+
+def test_entry_with_another_key_is_refused(cache, data):
+    other = load_dataset("cluttered-digits", "val", n_images=12, seed=0)
+    a = feat.cached_tokens("tiny-random", data, progress=False)
+    b = feat.cached_tokens("tiny-random", other, progress=False)
+    os.replace(feat.entry_path(b.key), feat.entry_path(a.key))  # a stale or renamed file
+    with pytest.raises(SelaggError, match="another request"):
+        feat.cached_tokens("tiny-random", data, progress=False)
+
+
+def test_unknown_block_raises(cache, data):
+    with pytest.raises(SelaggError, match="Block 9 does not exist"):
+        feat.cached_tokens("tiny-random", data, block=9, progress=False)
+
+
+def test_token_set_views(cache, data):
+    ts = feat.cached_tokens("tiny-random", data, progress=False)
+    assert ts.cls.shape == (24, 128) and ts.mean_patches.shape == (24, 128) and ts.patches.shape == (24, 64, 128)
+    assert len(ts.subset(torch.arange(5))) == 5

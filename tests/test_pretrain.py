@@ -1,0 +1,60 @@
+"""The two pretraining recipes: shapes, masking, and a few steps that lower the loss."""
+import torch
+
+from selagg_utils.data import DigitStream
+from selagg_utils.models import tiny_vit
+from selagg_utils.pretrain import (ContrastiveJEA, MaskedAutoencoder, info_nce, mean_fill_baseline, patchify,
+                                   random_masking, random_views, train_steps, unpatchify)
+
+
+def test_patchify_round_trip_and_order():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 16)
+    assert torch.equal(p[0, 1], x[0, 0, :4, 4:].reshape(-1))  # second patch = top-right block
+    assert torch.equal(unpatchify(p, 4, 1), x)
+
+
+def test_random_masking_hides_the_ratio():
+    keep, mask = random_masking(3, 64, 0.75, generator=torch.Generator().manual_seed(0))
+    assert keep.shape == (3, 16) and mask.sum(1).tolist() == [48.0] * 3
+    assert (mask.gather(1, keep) == 0).all()
+
+
+def test_mean_fill_baseline_keeps_visible_patches():
+    x = torch.rand(2, 1, 8, 8)
+    _, mask = random_masking(2, 4, 0.5)
+    filled = mean_fill_baseline(x, mask, 4)
+    assert torch.equal(patchify(filled, 4)[mask == 0], patchify(x, 4)[mask == 0])
+
+
+def test_info_nce_prefers_matching_pairs():
+    z = torch.randn(8, 16)
+    assert info_nce(z, z) < info_nce(z, torch.randn(8, 16))
+
+
+def test_views_keep_shape_and_differ():
+    x = torch.rand(4, 1, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = random_views(x, g), random_views(x, g)
+    assert v1.shape == x.shape and not torch.allclose(v1, v2)
+
+
+def _few_steps(model, steps=30):
+    torch.manual_seed(0)
+    history = train_steps(model, DigitStream(32, seed=0), steps, lr=2e-3, warmup=3, progress=False)
+    first = sum(r["loss"] for r in history[:5]) / 5
+    last = sum(r["loss"] for r in history[-5:]) / 5
+    return first, last
+
+
+def test_mae_loss_decreases():
+    torch.manual_seed(0)
+    first, last = _few_steps(MaskedAutoencoder(tiny_vit(depth=2)))
+    assert last < 0.8 * first
+
+
+def test_jea_loss_decreases():
+    torch.manual_seed(0)
+    first, last = _few_steps(ContrastiveJEA(tiny_vit(depth=2)))
+    assert last < first - 0.1

@@ -1,0 +1,113 @@
+"""Probes: the lr sweep trains copies together and equals separate runs; low-shot; k-NN; determinism."""
+import pytest
+import torch
+
+from selagg_utils import SelaggError
+from selagg_utils.features import TokenSet
+from selagg_utils.probing import (ProbeHead, ProbeRecipe, ProbeStack, fmt, knn_accuracy, logistic_probe_accuracy,
+                                  low_shot_accuracy, low_shot_indices, new_head, ridge_accuracy, train_probe,
+                                  train_probes)
+
+D, C = 16, 3
+
+
+def toy(n, seed):
+    """Tokens where the class is written into one random patch out of 9 (cls is noise)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % C
+    x = torch.randn(n, 10, D, generator=g) * 0.5
+    where = torch.randint(1, 10, (n,), generator=g)
+    x[torch.arange(n), where, :C] += 3 * torch.nn.functional.one_hot(labels, C).float()
+    x[torch.arange(n), where, C] += 3.0  # a flag an attention head can find
+    return TokenSet(x.half(), labels, 1, True, (3, 3), {"toy": seed})
+
+
+FAST = ProbeRecipe(epochs=30, warmup_epochs=3, batch_size=64, lrs=(0.1, 1.0, 10.0))
+
+
+def test_abmilp_finds_the_informative_patch_and_beats_cls():
+    train, val, test = toy(384, 0), toy(192, 1), toy(192, 2)
+    ab = train_probe("abmilp", train, val, test, FAST, seed=0)
+    cls = train_probe("cls", train, val, test, FAST, seed=0)
+    assert ab.test > 0.9 and cls.test < 0.6
+    assert ab.best_lr in FAST.lrs and len(ab.val_by_lr) == 3
+
+
+def test_training_is_deterministic_for_a_seed():
+    train, val = toy(128, 0), toy(64, 1)
+    a = train_probe("abmilp", train, val, recipe=FAST, seed=3)
+    b = train_probe("abmilp", train, val, recipe=FAST, seed=3)
+    assert a.val_by_lr == b.val_by_lr and a.losses == b.losses
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_copies_trained_together_equal_runs_trained_alone(optimizer):
+    train, val = toy(128, 0), toy(64, 1)
+    recipe = ProbeRecipe(epochs=4, warmup_epochs=1, batch_size=32, lrs=(0.3, 3.0), optimizer=optimizer)
+    together = train_probe("abmilp", train, val, recipe=recipe, seed=0).val_by_lr
+    alone = [train_probe("abmilp", train, val, recipe=ProbeRecipe(**{**recipe.__dict__, "lrs": (lr,)}),
+                         seed=0).val_by_lr[0] for lr in recipe.lrs]
+    assert together == pytest.approx(alone, abs=1e-6)
+
+
+@pytest.mark.parametrize("head", ["cls", "abmilp", "attentive"])
+def test_seeds_trained_together_equal_seeds_trained_alone(head):
+    train, val = toy(128, 0), toy(64, 1)
+    recipe = ProbeRecipe(epochs=3, warmup_epochs=1, batch_size=32, lrs=(0.3, 3.0))
+    kw = {"num_heads": 2} if head == "attentive" else {}
+    together = [r.val_by_lr for r in train_probes(head, train, val, recipe=recipe, seeds=(0, 5), **kw)]
+    alone = [train_probe(head, train, val, recipe=recipe, seed=s, **kw).val_by_lr for s in (0, 5)]
+    assert sum(together, []) == pytest.approx(sum(alone, []), abs=1e-6)
+    assert together[0] != together[1]
+
+
+def test_stack_eval_equals_each_head():
+    train = toy(64, 0)
+    stack = ProbeStack.copies(new_head("abmilp", train, C, 0), 2)
+    stack.train()
+    stack(train.tokens.float())  # one step of running statistics
+    stack.eval()
+    logits = stack(train.tokens.float())
+    for k, head in enumerate(stack.heads):
+        assert torch.allclose(logits[k], head.eval()(train.tokens.float()), atol=1e-5)
+
+
+def test_probe_head_is_mae_probe():
+    head = new_head("cls", toy(8, 0), C, 0)
+    assert isinstance(head, ProbeHead) and not head.bn.affine and head.linear.weight.std() < 0.02
+
+
+def test_low_shot_indices():
+    labels = torch.arange(30) % 3
+    draws = low_shot_indices(labels, 5, draws=3, seed=0)
+    assert all(torch.bincount(labels[d]).tolist() == [5, 5, 5] for d in draws)
+    assert not torch.equal(draws[0], draws[1])
+    assert all(torch.equal(a, b) for a, b in zip(draws, low_shot_indices(labels, 5, draws=3, seed=0)))
+
+
+def test_low_shot_asking_too_many_raises():
+    with pytest.raises(SelaggError, match="only 10"):
+        low_shot_indices(torch.arange(30) % 3, 11)
+
+
+def test_low_shot_accuracy_runs():
+    accs = low_shot_accuracy("abmilp", toy(96, 0), toy(48, 1), toy(48, 2), shots=5, draws=2,
+                             recipe=FAST, min_steps=20)
+    assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
+    assert "±" in fmt(accs)
+
+
+def test_knn_logistic_and_ridge_agree_on_separable_data():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.nn.functional.one_hot(y, 4).float() * 4 + torch.randn(200, 4, generator=g)
+    assert knn_accuracy(x[:100], y[:100], x[100:], y[100:]) > 0.9
+    assert logistic_probe_accuracy(x[:100], y[:100], x[100:], y[100:]) > 0.9
+    batched = ridge_accuracy(torch.stack([x[:100], torch.randn(100, 4)]), y[:100],
+                             torch.stack([x[100:], torch.randn(100, 4)]), y[100:])
+    assert batched.shape == (2,) and batched[0] > 0.9 and batched[1] < 0.5
+
+
+def test_unknown_optimizer_raises():
+    with pytest.raises(SelaggError, match="Unknown optimizer"):
+        train_probe("cls", toy(32, 0), toy(32, 1), recipe=ProbeRecipe(optimizer="sgd", epochs=1, lrs=(1.0,)))
