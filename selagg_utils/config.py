@@ -40,7 +40,7 @@ def settings(value: str | None = None) -> ScaleSettings:
     """The backbones, dataset and sizes of a scale."""
     if scale(value) == "tiny":
         return ScaleSettings("tiny", "tiny-mae", "tiny-jea", "tiny-random", "cluttered-digits", 256, 5000, 2000)
-    return ScaleSettings("full", "vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "vit_base_patch16_224",
+    return ScaleSettings("full", "vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "random:vit_base_patch16_224",
                          "imagenette", 128, None, None)
 
 

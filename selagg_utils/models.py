@@ -47,7 +47,8 @@ def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pre
     """A frozen ViT in eval mode from a tiny name, a timm name or a local `.safetensors` checkpoint.
 
     timm names load pretrained weights only at full scale (`pretrained=None` means "if full");
-    `pretrained=False` builds the architecture alone, which works offline.
+    `pretrained=False` builds the architecture alone, which works offline, and so does the name
+    `random:<timm name>` (the untrained control at full scale).
     """
     from .config import scale as resolve_scale
 
@@ -56,6 +57,8 @@ def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pre
         model = model_from_checkpoint(tiny_checkpoint_path(name))
     elif name.endswith(".safetensors") or Path(name).is_file():
         model = model_from_checkpoint(name)
+    elif name.startswith("random:") and timm.is_model(name[7:]):  # an untrained control of a timm architecture
+        model = _timm_backbone(name[7:], resolve_scale(scale), False, **timm_kwargs)
     elif timm.is_model(name):
         model = _timm_backbone(name, resolve_scale(scale), pretrained, **timm_kwargs)
     else:

@@ -53,3 +53,8 @@ def test_scale_resolution(monkeypatch):
     assert scale() == "full" and settings().mim == "vit_base_patch16_224.mae"
     with pytest.raises(SelaggError, match="Unknown scale"):
         scale("huge")
+
+
+def test_random_control_of_a_timm_architecture_needs_no_weights():
+    model = load_backbone("random:vit_tiny_patch16_224", scale="full", img_size=32)
+    assert model.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 5, 192)
