@@ -1,6 +1,6 @@
 """Pretrain the book's tiny backbones on cluttered digits and write checkpoints with manifests.
 
-    python scripts/pretrain_tiny.py --method mae --steps 2000
+    python scripts/pretrain_tiny.py --method mae --steps 2400
     python scripts/pretrain_tiny.py --method jea --steps 600
     python scripts/pretrain_tiny.py --method random
 
@@ -20,7 +20,7 @@ from selagg_utils.errors import SelaggError  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=("mae", "jea", "random"), required=True)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2000 MAE, 600 JEA)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2400 MAE, 600 JEA)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1.5e-3 MAE, 1e-3 JEA)")
     parser.add_argument("--seed", type=int, default=0)

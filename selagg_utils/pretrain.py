@@ -50,8 +50,9 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
 class MaeDecoder(nn.Module):
     """A light Transformer that fills in the hidden patches from the encoder's visible tokens.
 
-    Besides the normalised pixels of each patch (MAE's target) it predicts the patch's mean and
-    standard deviation, so reconstructions can be shown in pixels without peeking at the target.
+    Besides the normalised pixels of each patch (MAE's target), a small `stats` head predicts the
+    patch's mean and standard deviation, so reconstructions can be shown in pixels without peeking at
+    the target. It reads the decoder's features detached: the encoder learns from MAE's loss alone.
     """
 
     def __init__(self, embed_dim: int, num_patches: int, patch_dim: int, dim: int = 128, depth: int = 2,
@@ -62,7 +63,8 @@ class MaeDecoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
-        self.pred = nn.Linear(dim, patch_dim + 2)  # normalised pixels, then (mean, std) of the patch
+        self.pred = nn.Linear(dim, patch_dim)  # normalised pixels
+        self.stats = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 2))  # (mean, std) of the patch
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.mask_token, std=0.02)
 
@@ -73,15 +75,15 @@ class MaeDecoder(nn.Module):
         full = self.mask_token.expand(b, num_patches, d).clone()
         full.scatter_(1, keep[..., None].expand(-1, -1, d), x[:, 1:])  # visible tokens back in place
         x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, 1:])
+        x = self.norm(self.blocks(x))[:, 1:]
+        return torch.cat([self.pred(x), self.stats(x.detach())], dim=-1)
 
 
 class MaskedAutoencoder(nn.Module):
     """MAE (He et al., 2022) around a timm ViT: encode the visible 25%, decode all, score the hidden."""
 
     def __init__(self, encoder: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 128,
-                 decoder_depth: int = 2, decoder_heads: int = 4, norm_eps: float = 1e-2, stats_weight: float = 10.0):
+                 decoder_depth: int = 2, decoder_heads: int = 4, norm_eps: float = 1e-2, stats_weight: float = 1.0):
         super().__init__()
         self.encoder, self.mask_ratio = encoder, mask_ratio
         self.patch_size = encoder.patch_embed.patch_size[0]

@@ -16,7 +16,7 @@ from .data import DigitStream, DigitsRecipe
 from .models import CHECKPOINT_DIR, TINY_CONFIG, tiny_vit
 from .pretrain import ContrastiveJEA, MaskedAutoencoder, train_steps
 
-DEFAULTS = {"mae": {"steps": 2000, "lr": 1.5e-3}, "jea": {"steps": 600, "lr": 1e-3}, "random": {"steps": 0, "lr": 0.0}}
+DEFAULTS = {"mae": {"steps": 2400, "lr": 1.5e-3}, "jea": {"steps": 600, "lr": 1e-3}, "random": {"steps": 0, "lr": 0.0}}
 
 
 def code_version() -> str:
@@ -65,7 +65,9 @@ def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, 
                    "random": "untrained control (random initialisation)"}[method],
         "model_config": TINY_CONFIG,
         "decoder_config": ({"dim": 128, "depth": 2, "num_heads": 4, "mask_ratio": model.mask_ratio,
-                            "norm_eps": model.norm_eps, "stats_weight": model.stats_weight} if method == "mae" else None),
+                            "norm_eps": model.norm_eps, "stats_weight": model.stats_weight,
+                            "stats_head": "MLP on the decoder's features, detached (does not train the encoder)"}
+                           if method == "mae" else None),
         "data_recipe": {"dataset": "cluttered-digits, fresh images every batch from the train source digits",
                         **recipe.to_dict()},
         "training_recipe": {"steps": steps, "batch_size": batch_size, "optimizer": "AdamW (timm)", "lr": lr,
