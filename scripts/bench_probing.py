@@ -2,6 +2,7 @@
 
     python scripts/bench_probing.py                      # tiny scale, AbMILP head on tiny-mae
     python scripts/bench_probing.py --head cls --epochs 20
+    python scripts/bench_probing.py --optimizer adamw --lr 0.1     # the tiny chapter's optimizer
 
 Prints one table: seconds per epoch (median of --repeats, after a warm-up epoch), speed-up over the
 online epoch, and the test accuracy after --epochs epochs trained each way from the same seed.
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setting (median)")
     parser.add_argument("--lrs", type=int, default=8, help="learning rates trained together in the sweep row")
     parser.add_argument("--lr", type=float, default=10.0, help="base lr of the single-lr runs")
+    parser.add_argument("--optimizer", default="lars", choices=("lars", "adamw"), help="lars (MAE's protocol) or adamw")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--scale", default=None)
     return parser.parse_args(argv)
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         """The batches train_probes reads: float tokens gathered from the cache (or features pooled once)."""
         return training_source(stack, train, device)
 
-    one = ProbeRecipe(epochs=args.epochs, warmup_epochs=1, batch_size=S.batch_size, lrs=(args.lr,))
+    one = ProbeRecipe(epochs=args.epochs, warmup_epochs=1, batch_size=S.batch_size, lrs=(args.lr,),
+                      optimizer=args.optimizer)
     sweep = replace(one, lrs=tuple(args.lr * 3.0 ** (i - args.lrs // 2) for i in range(args.lrs)))
     num_classes = train.num_classes
 
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, len(recipe.lrs), sec, acc))
 
     online_s, cached_s = rows[0][2], rows[1][2]
-    print(f"backbone {name}, head {args.head}, {len(train)} train / {len(test)} test images, batch {S.batch_size}, "
+    print(f"backbone {name}, head {args.head}, {args.optimizer}, lr {args.lr:g}, {len(train)} train / {len(test)} test images, batch {S.batch_size}, "
           f"{torch.get_num_threads()} threads on {device}; tokens loaded or extracted once in {load_s:.1f} s")
     print(f"| setting | lrs | s / epoch (median of {args.repeats}) | vs online | vs 1 lr cached "
           f"| test acc after {args.epochs} epochs |")
