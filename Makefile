@@ -34,7 +34,7 @@ test-package: $(STAMP)
 test-notebooks: $(STAMP)
 	$(RUNENV) $(BIN)/python -m pytest --nbval-lax --durations=0 -q notebooks
 
-## Retrain the shipped tiny backbones (about 40 minutes on a 2-core CPU, minutes on a GPU).
+## Retrain the shipped tiny backbones (under an hour on a 2-core CPU, minutes on a GPU).
 checkpoints: $(STAMP)
 	$(BIN)/python scripts/pretrain_tiny.py --method random
 	$(BIN)/python scripts/pretrain_tiny.py --method mae
