@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, len(recipe.lrs), sec, acc))
 
     online_s, cached_s = rows[0][2], rows[1][2]
-    print(f"backbone {name}, head {args.head}, {args.optimizer}, lr {args.lr:g}"
-          f"{', denormals flushed' if args.flush_denormals else ''}, {len(train)} train / {len(test)} test images, batch {S.batch_size}, "
-          f"{torch.get_num_threads()} threads on {device}; tokens loaded or extracted once in {load_s:.1f} s")
+    flushed = ", denormals flushed" if args.flush_denormals else ""
+    print(f"backbone {name}, head {args.head}, {args.optimizer}, lr {args.lr:g}{flushed}, {len(train)} train / "
+          f"{len(test)} test images, batch {S.batch_size}, {torch.get_num_threads()} threads on {device}; "
+          f"tokens loaded or extracted once in {load_s:.1f} s")
     print(f"| setting | lrs | s / epoch (median of {args.repeats}) | vs online | vs 1 lr cached "
           f"| test acc after {args.epochs} epochs |")
     print("|---|---|---|---|---|---|")

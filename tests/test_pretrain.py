@@ -58,3 +58,13 @@ def test_jea_loss_decreases():
     torch.manual_seed(0)
     first, last = _few_steps(ContrastiveJEA(tiny_vit(depth=2)))
     assert last < first - 0.1
+
+
+def test_patch_statistics_loss_trains_the_stats_head_but_not_the_encoder_or_decoder():
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(tiny_vit(depth=2))
+    out = mae(torch.rand(4, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    out["stats_loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mae.decoder.stats.parameters())
+    others = [p for n, p in mae.named_parameters() if not n.startswith("decoder.stats.")]
+    assert all(p.grad is None or not p.grad.any() for p in others)

@@ -111,4 +111,3 @@ def test_knn_logistic_and_ridge_agree_on_separable_data():
 def test_unknown_optimizer_raises():
     with pytest.raises(SelaggError, match="Unknown optimizer"):
         train_probe("cls", toy(32, 0), toy(32, 1), recipe=ProbeRecipe(optimizer="sgd", epochs=1, lrs=(1.0,)))
-
