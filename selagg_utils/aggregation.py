@@ -100,9 +100,72 @@ def _keep(head: Aggregator, tokens: torch.Tensor, mask: torch.Tensor | None, inc
     return keep if mask is None else keep & mask
 
 
+NEGLIGIBLE = 1e-30
+
+
+class _NegligibleGradDropped(torch.autograd.Function):
+    """Identity; on the way back, gradient entries below NEGLIGIBLE in magnitude become 0."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(grad.abs() < NEGLIGIBLE, 0.0)
+
+
+def negligible_grad_dropped(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself, but the gradient that flows back through it has its entries below 1e-30 set to 0.
+
+    Such entries cannot change a float32 sum with gradients of a loss of order 1, but below 1.2e-38
+    (denormal floats) a CPU computes them tens of times slower: a probe sweep at large learning
+    rates, where softmax probabilities underflow, would spend most of its time on them.
+    """
+    return _NegligibleGradDropped.apply(x)
+
+
 def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension where `keep` is True; exactly 0 elsewhere."""
-    return scores.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    """Softmax over the last dimension where `keep` is True; exactly 0 elsewhere and where below 1e-30.
+
+    Weights that small cannot change a weighted sum of tokens (the weights add up to 1); setting
+    them and their scores' gradient to 0 keeps a CPU off denormal floats (see `negligible_grad_dropped`).
+    """
+    weights = negligible_grad_dropped(scores).masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    return F.threshold(weights, NEGLIGIBLE, 0.0)
+
+
+class _SoftmaxPooled(torch.autograd.Function):
+    """Softmax over tokens, then the weighted sum of the tokens, with a backward laid out for speed.
+
+    scores (S, L, B, T), tokens (S, B, T, D) -> pooled (S, B, L, D). Weights below 1e-30 are set to
+    0 before they are used or saved (see `masked_softmax`), so no denormal float enters the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        weights = F.threshold(scores.softmax(dim=-1), NEGLIGIBLE, 0.0)  # (S, L, B, T)
+        ctx.save_for_backward(weights, tokens)
+        ctx.scores_dtype = scores.dtype
+        return weights.transpose(1, 2) @ tokens
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        weights, tokens = ctx.saved_tensors
+        low = grad.dtype  # the products run in the dtype the forward's product had (bf16 under autocast)
+        grad_scores = grad_tokens = None
+        if ctx.needs_input_grad[0]:  # tokens @ grad^T: a faster product on a CPU than grad @ tokens^T
+            grad_weights = (tokens.to(low) @ grad.transpose(-1, -2)).permute(0, 3, 1, 2).to(weights.dtype)
+            grad_scores = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
+            grad_scores = grad_scores.to(ctx.scores_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_tokens = (weights.to(low).permute(0, 2, 3, 1) @ grad).to(tokens.dtype)
+        return grad_scores, grad_tokens
+
+
+def softmax_pooled(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens (S, B, T, D) pooled with softmax(scores) over T, scores (S, L, B, T): pooled (S, B, L, D)."""
+    return _SoftmaxPooled.apply(scores, tokens)
 
 
 class ClsPool(Aggregator):
@@ -212,11 +275,14 @@ class AbMILP(Aggregator):
         if self.gated:
             h = torch.tanh(_stacked_linear(h, [c.value for c in copies])) * \
                 torch.sigmoid(_stacked_linear(h, [c.gate for c in copies]))
-        scores = _stacked_linear(h, [c.score for c in copies]).squeeze(-1)  # (S, B, T, L)
+        if h.ndim == 4:  # one linear scorer on the tokens themselves: scores come out as (S, L, B, T)
+            scores = _stacked_scores(h, torch.stack([c.score.weight for c in copies]),
+                                     torch.stack([c.score.bias for c in copies]))
+        else:
+            scores = _stacked_linear(h, [c.score for c in copies]).squeeze(-1).permute(0, 3, 1, 2)
         keep = self.pooled_positions(x.shape[2], self.include_cls).to(x.device)
-        keep = keep if mask is None else keep & mask[None]
-        weights = masked_softmax(scores.transpose(-1, -2), keep[..., None, :])  # (S, B, L, T)
-        return _copies_first(weights @ x)
+        keep = keep if mask is None else keep & mask
+        return _copies_first(softmax_pooled(scores.masked_fill(~keep, float("-inf")), x))
 
 
 def _stacked_linear(x: torch.Tensor, layers: list) -> torch.Tensor:
@@ -230,6 +296,17 @@ def _stacked_linear(x: torch.Tensor, layers: list) -> torch.Tensor:
     else:
         out = torch.einsum("sbtli,sloi->sbtlo", x, w)
     return out + b[:, None, None]
+
+
+def _stacked_scores(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """K affine scorers with O outputs, in S groups of L, on x (S, B, T, I): scores (S, L * O, B, T).
+
+    weight is (K, O, I), bias (K, O). Computed as W x^T, so that the weight gradient is the fast
+    (L * O, B * T) @ (B * T, I) product on a CPU.
+    """
+    s, (b, t, i), (k, o) = x.shape[0], x.shape[1:], bias.shape
+    w = weight.reshape(s, k // s * o, i)
+    return torch.baddbmm(bias.reshape(s, -1, 1), w, x.reshape(s, b * t, i).transpose(1, 2)).reshape(s, -1, b, t)
 
 
 def _copies_first(x: torch.Tensor) -> torch.Tensor:
@@ -304,12 +381,10 @@ class AttentivePool(Aggregator):
         kv_b = torch.stack([x.attn.kv.bias for x in copies]).reshape(k, 2, heads, hd)
         u = torch.einsum("khd,khdc->khc", q, kv_w[:, 0])  # the query folded into the key projection
         bias = torch.einsum("khd,khd->kh", q, kv_b[:, 0])
-        logits = _stacked_linear(patches, [_Affine(u[i], bias[i]) for i in range(k)])  # (S, B, N, L, heads)
-        keep = (torch.ones(patches.shape[2], dtype=torch.bool, device=tokens.device) if mask is None
-                else mask[None, :, p:])
-        logits = logits.flatten(3).transpose(-1, -2)  # (S, B, L*heads, N)
-        attn = masked_softmax(logits, keep[..., None, :])
-        mixed = (attn @ patches).reshape(groups, -1, k // groups, heads, c)  # (S, B, L, heads, C)
+        logits = _stacked_scores(patches, u, bias)  # (S, L * heads, B, N)
+        if mask is not None:
+            logits = logits.masked_fill(~mask[:, p:], float("-inf"))
+        mixed = softmax_pooled(logits, patches).reshape(groups, -1, k // groups, heads, c)  # (S, B, L, heads, C)
         w_v = kv_w[:, 1].reshape(groups, k // groups, heads, hd, c)
         out = torch.einsum("sblhc,slhdc->sblhd", mixed, w_v).flatten(3)  # (S, B, L, C)
         return _copies_first(out) + kv_b[:, 1].reshape(k, 1, c)
@@ -322,13 +397,6 @@ class AttentivePool(Aggregator):
             return self.attn(patches)
         bias = torch.zeros(mask[:, p:].shape, dtype=tokens.dtype).masked_fill(~mask[:, p:], float("-inf"))
         return self.attn(patches, attn_mask=bias[:, None, None, :])
-
-
-class _Affine:
-    """A stand-in for nn.Linear with given weight and bias (for `_stacked_linear`)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        self.weight, self.bias = weight, bias
 
 
 def make_head(name: str, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True,

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from selagg_utils import SelaggError
 from selagg_utils.aggregation import (HEADS, AbMILP, check_mask, head_for_model, localisation_score, make_head,
-                                      uniform_localisation)
+                                      masked_softmax, negligible_grad_dropped, softmax_pooled, uniform_localisation)
 from selagg_utils.models import tiny_vit
 from selagg_utils.probing import ProbeHead, ProbeStack
 
@@ -88,6 +88,67 @@ def test_stacked_copies_equal_separate_heads(name, groups):
     per = 6 // groups
     expected = torch.stack([h.pool(x[k // per] if groups > 1 else x)[0] for k, h in enumerate(stack.heads)])
     assert torch.allclose(stack.pooled(x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["abmilp", "abmilp-cls", "abmilp-gated", "attentive"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_stacked_copies_have_the_gradients_of_separate_heads(name, groups):
+    extra = {"num_heads": 2} if name == "attentive" else {}
+    stack = ProbeStack.copies(ProbeHead(make_head(name, D, grid_size=(4, 4), **extra), 5), 6)
+    stack.groups = groups
+    with torch.no_grad():
+        for k, h in enumerate(stack.heads):
+            for p in h.pool.parameters():
+                p.add_(0.1 * k)
+    x = torch.stack([tokens(seed=s) for s in range(groups)]) if groups > 1 else tokens()
+    mask = None if groups > 1 else torch.rand(3, 17, generator=torch.Generator().manual_seed(2)) > 0.3
+    if mask is not None:
+        mask[:, :2] = True
+    target = torch.randn(6, 3, D, generator=torch.Generator().manual_seed(3))
+    (stack.pooled(x, mask) * target).sum().backward()
+    stacked = [[p.grad.clone() for p in h.pool.parameters()] for h in stack.heads]
+    per = 6 // groups
+    for k, h in enumerate(stack.heads):
+        h.zero_grad()
+        (h.pool(x[k // per] if groups > 1 else x, mask)[0] * target[k]).sum().backward()
+        for got, p in zip(stacked[k], h.pool.parameters()):
+            assert torch.allclose(got, p.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_softmax_pooled_is_softmax_then_weighted_sum_with_its_gradients():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g).requires_grad_()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.allclose(softmax_pooled(scores, x), scores.softmax(-1).transpose(1, 2) @ x)
+    assert torch.autograd.gradcheck(softmax_pooled, (scores, x))
+
+
+@pytest.mark.parametrize("name", ["abmilp", "attentive"])
+def test_stacked_copies_train_under_bf16_autocast(name):
+    extra = {"num_heads": 2} if name == "attentive" else {}
+    stack = ProbeStack.copies(ProbeHead(make_head(name, D, **extra), 5), 3)
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = stack.pooled(x)
+    pooled.float().square().sum().backward()
+    matrices = [p for p in stack.heads[0].pool.parameters() if p.ndim > 1]  # a score bias has no gradient
+    grads = [p.grad.clone() for p in matrices]
+    stack.zero_grad()
+    stack.pooled(x).square().sum().backward()
+    for low, full in zip(grads, matrices):
+        assert low.dtype == full.dtype and torch.allclose(low, full.grad, rtol=0.1, atol=0.05 * full.grad.abs().max())
+
+
+def test_negligible_weights_and_gradients_become_exact_zeros():
+    scores = torch.tensor([[0.0, -60.0, -85.0, -100.0]])  # e^-60 ~ 9e-27; e^-85 ~ 1e-37; e^-100, a denormal
+    weights = masked_softmax(scores, torch.ones(1, 4, dtype=torch.bool))[0]
+    assert weights[1] > 0 and weights[2] == 0 and weights[3] == 0 and weights.sum() == 1
+    x = torch.tensor([1.0, 1e-35, -1e-40, 2.0], requires_grad=True)
+    y = negligible_grad_dropped(x)
+    assert torch.equal(y, x)
+    y.backward(torch.tensor([1e-3, 1e-31, -1e-39, -5.0]))
+    assert x.grad.tolist() == pytest.approx([1e-3, 0.0, 0.0, -5.0])
+    assert x.grad[1] == 0 and x.grad[2] == 0
 
 
 def test_attentive_with_mlp_is_stacked_one_by_one():

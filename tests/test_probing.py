@@ -1,12 +1,13 @@
 """Probes: the lr sweep trains copies together and equals separate runs; low-shot; k-NN; determinism."""
 import pytest
 import torch
+from timm.optim import Lars
 
 from selagg_utils import SelaggError
 from selagg_utils.features import TokenSet
-from selagg_utils.probing import (ProbeHead, ProbeRecipe, ProbeStack, fmt, knn_accuracy, logistic_probe_accuracy,
-                                  low_shot_accuracy, low_shot_indices, new_head, ridge_accuracy, train_probe,
-                                  train_probes)
+from selagg_utils.probing import (ProbeHead, ProbeRecipe, ProbeStack, SweepAdamW, SweepLars, fmt, knn_accuracy,
+                                  logistic_probe_accuracy, low_shot_accuracy, low_shot_indices, new_head, ridge_accuracy,
+                                  train_probe, train_probes)
 
 D, C = 16, 3
 
@@ -59,6 +60,56 @@ def test_seeds_trained_together_equal_seeds_trained_alone(head):
     alone = [train_probe(head, train, val, recipe=recipe, seed=s, **kw).val_by_lr for s in (0, 5)]
     assert sum(together, []) == pytest.approx(sum(alone, []), abs=1e-6)
     assert together[0] != together[1]
+
+
+@pytest.mark.parametrize("options", [{"always_adapt": True}, {"weight_decay": 0.05},
+                                     {"always_adapt": True, "nesterov": True}, {"weight_decay": 0.05, "trust_clip": True},
+                                     {"momentum": 0.0, "always_adapt": True}])
+def test_sweep_lars_steps_like_timm_lars(options):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4,), (2, 5), (2,)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    start[1].zero_()  # a zero weight norm: ratio 1, as in timm
+    settings = {"momentum": 0.9, **options}
+
+    def run(optimizer_class):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        groups = [{"params": params[:2], "lr": 0.3}, {"params": params[2:3], "lr": 3.0},
+                  {"params": params[3:], "lr": 0.03, "weight_decay": 0.0, "always_adapt": False}]
+        optimizer = optimizer_class(groups, **settings)
+        for step in grads:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            optimizer.step()
+        return params
+
+    for ours, timm_lars in zip(run(SweepLars), run(Lars)):
+        assert torch.allclose(ours, timm_lars, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_sweep_adamw_steps_like_torch_adamw(weight_decay):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4,), (2, 5)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+
+    def run(optimizer_class):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        groups = [{"params": params[:1], "lr": 0.3}, {"params": params[1:2], "lr": 0.01},
+                  {"params": params[2:], "lr": 0.03, "betas": (0.8, 0.99)}]
+        optimizer = optimizer_class(groups, lr=0.1, weight_decay=weight_decay)
+        for step in grads:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            optimizer.step()
+        return params, optimizer
+
+    (ours, sweep), (theirs, torch_adamw) = run(SweepAdamW), run(torch.optim.AdamW)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert sweep.state[ours[0]]["step"] == torch_adamw.state[theirs[0]]["step"] == 5
 
 
 def test_stack_eval_equals_each_head():
