@@ -1,4 +1,6 @@
 """Probes: the lr sweep trains copies together and equals separate runs; low-shot; k-NN; determinism."""
+import copy
+
 import pytest
 import torch
 from timm.optim import Lars
@@ -110,6 +112,23 @@ def test_sweep_adamw_steps_like_torch_adamw(weight_decay):
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
     assert sweep.state[ours[0]]["step"] == torch_adamw.state[theirs[0]]["step"] == 5
+
+
+def test_shared_pooled_features_train_like_separate_heads():
+    train = toy(64, 0)
+    heads = [new_head("cls", train, C, seed) for seed in (0, 1, 2, 3)]
+    with torch.no_grad():
+        heads[1].bn.running_mean.add_(0.5)  # copies need not share their running statistics
+    stack = ProbeStack(copy.deepcopy(heads), groups=2)
+    stack.prepooled = True
+    stack.train()
+    z = torch.randn(2, 64, D, generator=torch.Generator().manual_seed(4))  # one batch per group
+    logits = stack(z)
+    for k, (ours, alone) in enumerate(zip(stack.heads, heads)):
+        alone.train()
+        assert torch.allclose(logits[k], alone.linear(alone.bn(z[k // 2])), atol=1e-5)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.allclose(getattr(ours.bn, name).float(), getattr(alone.bn, name).float(), atol=1e-6)
 
 
 def test_stack_eval_equals_each_head():
