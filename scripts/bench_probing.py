@@ -5,8 +5,9 @@
     python scripts/bench_probing.py --optimizer adamw --lr 0.1     # the tiny chapter's optimizer
 
 Prints one table: seconds per epoch (median of --repeats online epochs and of --cached-repeats
-cached ones, after a warm-up epoch; the two cached settings take turns epoch by epoch), speed-up over the online epoch, and the test accuracy after
---epochs epochs trained each way from the same seed.
+cached ones, after a warm-up epoch; the two cached settings take turns epoch by epoch), speed-up
+over the online epoch, and the test accuracy after --epochs epochs trained each way from the same
+seed.
 """
 from __future__ import annotations
 

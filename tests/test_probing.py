@@ -8,8 +8,8 @@ from timm.optim import Lars
 from selagg_utils import SelaggError
 from selagg_utils.features import TokenSet
 from selagg_utils.probing import (ProbeHead, ProbeRecipe, ProbeStack, SweepAdamW, SweepLars, fmt, knn_accuracy,
-                                  logistic_probe_accuracy, low_shot_accuracy, low_shot_indices, new_head, ridge_accuracy,
-                                  train_probe, train_probes)
+                                  logistic_probe_accuracy, low_shot_accuracy, low_shot_indices, new_head,
+                                  ridge_accuracy, train_probe, train_probes)
 
 D, C = 16, 3
 
@@ -65,7 +65,8 @@ def test_seeds_trained_together_equal_seeds_trained_alone(head):
 
 
 @pytest.mark.parametrize("options", [{"always_adapt": True}, {"weight_decay": 0.05},
-                                     {"always_adapt": True, "nesterov": True}, {"weight_decay": 0.05, "trust_clip": True},
+                                     {"always_adapt": True, "nesterov": True},
+                                     {"weight_decay": 0.05, "trust_clip": True},
                                      {"momentum": 0.0, "always_adapt": True}])
 def test_sweep_lars_steps_like_timm_lars(options):
     g = torch.Generator().manual_seed(0)
