@@ -73,10 +73,8 @@ def test_masked_tokens_get_zero_weight(b, prefix, seed, name):
     assert torch.allclose(weights.sum(1), torch.ones(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mean", "abmilp", "abmilp-relu", "abmilp-gated", "abmilp-pos", "abmilp-sa",
-                                  "attentive"])
-@pytest.mark.parametrize("groups", [1, 3])
-def test_stacked_copies_equal_separate_heads(name, groups):
+def distinct_copies(name: str, groups: int) -> tuple[ProbeStack, torch.Tensor]:
+    """Six copies of a head with different parameters in `groups` groups, and a token batch per group."""
     extra = {"num_heads": 2} if name == "attentive" else {}
     stack = ProbeStack.copies(ProbeHead(make_head(name, D, grid_size=(4, 4), **extra), 5), 6)
     stack.groups = groups
@@ -84,7 +82,14 @@ def test_stacked_copies_equal_separate_heads(name, groups):
         for k, h in enumerate(stack.heads):
             for p in h.pool.parameters():
                 p.add_(0.1 * k)
-    x = torch.stack([tokens(seed=s) for s in range(groups)]) if groups > 1 else tokens()
+    return stack, torch.stack([tokens(seed=s) for s in range(groups)]) if groups > 1 else tokens()
+
+
+@pytest.mark.parametrize("name", ["mean", "abmilp", "abmilp-relu", "abmilp-gated", "abmilp-pos", "abmilp-sa",
+                                  "attentive"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_stacked_copies_equal_separate_heads(name, groups):
+    stack, x = distinct_copies(name, groups)
     per = 6 // groups
     expected = torch.stack([h.pool(x[k // per] if groups > 1 else x)[0] for k, h in enumerate(stack.heads)])
     assert torch.allclose(stack.pooled(x), expected, atol=1e-4)
@@ -93,14 +98,7 @@ def test_stacked_copies_equal_separate_heads(name, groups):
 @pytest.mark.parametrize("name", ["abmilp", "abmilp-cls", "abmilp-gated", "attentive"])
 @pytest.mark.parametrize("groups", [1, 3])
 def test_stacked_copies_have_the_gradients_of_separate_heads(name, groups):
-    extra = {"num_heads": 2} if name == "attentive" else {}
-    stack = ProbeStack.copies(ProbeHead(make_head(name, D, grid_size=(4, 4), **extra), 5), 6)
-    stack.groups = groups
-    with torch.no_grad():
-        for k, h in enumerate(stack.heads):
-            for p in h.pool.parameters():
-                p.add_(0.1 * k)
-    x = torch.stack([tokens(seed=s) for s in range(groups)]) if groups > 1 else tokens()
+    stack, x = distinct_copies(name, groups)
     mask = None if groups > 1 else torch.rand(3, 17, generator=torch.Generator().manual_seed(2)) > 0.3
     if mask is not None:
         mask[:, :2] = True
