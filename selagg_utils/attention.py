@@ -18,9 +18,9 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import SelaggError
+from .progress import progress_bar
 
 #: Every statistic `attention_statistics` can return, with what it measures (per block; per head where it has one).
 STATISTICS: dict[str, str] = {
@@ -401,8 +401,8 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
     dev = _model_device(model)
     total = len(loader) if hasattr(loader, "__len__") else None
     with _eval_mode(model), attention_hooks(model, acc.attention, acc.residual):
-        bar = tqdm(loader, total=total, desc=f"attention statistics {name}".strip(), leave=False,
-                   **({} if progress else {"disable": True}))  # progress=True leaves TQDM_DISABLE in charge
+        bar = progress_bar(loader, enabled=progress, total=total, desc=f"attention statistics {name}".strip(),
+                           leave=False)
         for batch in bar:
             images, mask = _split_batch(batch, object_masks)
             acc.object_mask = None if mask is None else _check_mask(mask, layout)

@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .checkpoints import _atomic_write, read_manifest, sha256_of
 from .errors import SelaggError
+from .progress import progress_bar
 
 CACHE_ENV = "SELAGG_CACHE"
 CACHE_FORMAT = 1
@@ -35,7 +35,7 @@ def extract_tokens(model: VisionTransformer, dataset: Dataset, batch_size: int =
     model.eval().to(device)
     tokens, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="extracting tokens", disable=not progress, leave=False):
+    for batch in progress_bar(loader, enabled=progress, desc="extracting tokens", leave=False):
         images, y = batch[0], batch[1]
         tokens.append(model.forward_features(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
@@ -76,7 +76,7 @@ def extract_blocks(model: VisionTransformer, dataset: Dataset, blocks: list[int 
     per_block: list[list[torch.Tensor]] = [[] for _ in blocks]
     labels = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="extracting tokens", disable=not progress, leave=False):
+    for batch in progress_bar(loader, enabled=progress, desc="extracting tokens", leave=False):
         for store, tokens in zip(per_block, tokens_after(model, batch[0].to(device), blocks, norm)):
             store.append(tokens.to(dtype).cpu())
         labels.append(torch.as_tensor(batch[1]))

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 
 # ----------------------------------------------------------------------------- patches
@@ -209,7 +210,7 @@ def train_steps(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Te
     schedule = CosineLRScheduler(optimizer, t_initial=steps, warmup_t=warmup, warmup_lr_init=lr / 100,
                                  lr_min=lr / 100, t_in_epochs=False)
     history, start = [], time.perf_counter()
-    bar = tqdm(range(steps), desc=type(model).__name__, disable=not progress, mininterval=2.0)
+    bar = progress_bar(range(steps), enabled=progress, desc=type(model).__name__, mininterval=2.0)
     for step in bar:
         schedule.step_update(step)
         images, _ = next(batches)

@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
-from tqdm.auto import tqdm
 
 from .aggregation import Aggregator, make_head, negligible_grad_dropped
 from .errors import SelaggError
+from .progress import progress_bar
 from .features import TokenSet
 
 
@@ -349,7 +349,7 @@ def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tenso
     per_group = len(stack.heads) // stack.groups
     stack.train()
     losses: list[float] = []
-    bar = tqdm(total=total, desc="training probes", disable=not progress, leave=False)
+    bar = progress_bar(total=total, enabled=progress, desc="training probes", leave=False)
     while len(losses) < total:
         orders = torch.stack([torch.randperm(n, generator=g) for g in generators])
         for i in range(per_epoch):
