@@ -4,7 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,10 +30,54 @@ def manifest_path(weights: str | os.PathLike) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+#: A temporary file's name: `.<final name>.<host>-<pid>.<random>.tmp`, so that a later run can tell an
+#: orphan (its writer is gone) from a file another process is writing right now.
+TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def host_tag() -> str:
+    """Eight hex digits that name this machine in temporary file names."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temporary_prefix(path: Path) -> str:
+    """The start of the name of a temporary file written on the way to `path`."""
+    return f".{path.name}.{host_tag()}-{os.getpid()}."
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(folder: Path, max_age_s: float = 86400.0) -> list[Path]:
+    """Delete temporary files whose writer died (this machine) or that are older than a day (other machines)."""
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        match = TEMPORARY.match(tmp.name)
+        try:
+            if match and match["host"] == host_tag():
+                orphan = not process_alive(int(match["pid"]))
+            else:
+                orphan = time.time() - tmp.stat().st_mtime > max_age_s
+            if orphan:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+    return removed
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: no half-written file survives."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -51,11 +98,21 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], man
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a weights file, or a clear error if it is missing."""
+    """The manifest of a weights file: a JSON object with a sha256 string, or a clear error."""
     mpath = manifest_path(path)
     if not mpath.is_file():
         raise SelaggError(f"Checkpoint {path} has no manifest {mpath.name} beside it; it cannot be verified.")
-    return json.loads(mpath.read_text())
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SelaggError(f"The manifest {mpath} is not valid JSON ({err.__class__.__name__}); a manifest is a JSON "
+                          "object written by save_checkpoint: restore it or save the checkpoint again.") from None
+    sha = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        found = "no JSON object" if not isinstance(manifest, dict) else "no 64-digit hex sha256"
+        raise SelaggError(f"The manifest {mpath} holds {found}; a manifest is a JSON object with the weights' "
+                          "sha256, as save_checkpoint writes it: restore it or save the checkpoint again.")
+    return manifest
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,16 +1,26 @@
 """Frozen tokens: run a backbone once over a dataset and keep its output tokens, cached on disk.
 
 A cache entry is one safetensors file holding the tokens (float16), the labels and, in its metadata,
-the key that produced it: backbone and checkpoint hash, dataset recipe and split, transform, block.
-The file name is a digest of that key; on load the stored key is compared with the request, so a
-renamed or stale file is refused instead of silently used. Files are written to a temporary name and
-renamed, so an extraction killed halfway leaves nothing a later run would load.
+the key that produced it and a checksum. The key holds everything that determines the tokens: the
+weights actually used (a checkpoint's sha256, a timm name with its pretrained tag, random weights
+with their seed, or the digest of a model passed in), the dataset's content (its recipe and split
+and a digest of its tensors, a digest of its files or items, or a key the caller gives), the
+transform, the block and the dtype. The file name is a digest of the key.
+
+On load the checksum (of the tensors and the metadata) is verified: a truncated or changed entry
+is extracted again, with one line saying so; an intact entry whose stored key differs from the
+request is refused with a sentence naming the file. The folder is checked for being a writable
+folder before any extraction; files are written to a temporary name and renamed, so an extraction
+killed at any moment leaves nothing a later run would load, and its temporary file is removed by
+the next run. Several processes filling one entry at once each write a complete file, and the last
+rename wins.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,26 +30,38 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import _atomic_write, read_manifest, sha256_of
+from .checkpoints import _atomic_write, read_manifest, remove_orphaned_temporaries, sha256_of
+from .checks import check_finite_items, notice, tensors_digest, update_digest, whole_number
 from .errors import SelaggError
 from .progress import progress_bar
 
 CACHE_ENV = "SELAGG_CACHE"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+_REPAIR = "remove or repair it, or pass a dataset without it"
 
 
 @torch.inference_mode()
 def extract_tokens(model: VisionTransformer, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "cpu",
                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """All output tokens after the final norm, (N, T, D) float32 with prefix tokens first, and labels (N,)."""
+    check_extraction_inputs(dataset, batch_size)
     model.eval().to(device)
     tokens, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in progress_bar(loader, enabled=progress, desc="extracting tokens", leave=False):
         images, y = batch[0], batch[1]
+        check_finite_items(images, "Image", sum(len(t) for t in tokens), _REPAIR)
         tokens.append(model.forward_features(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(tokens), torch.cat(labels)
+
+
+def check_extraction_inputs(dataset: Dataset, batch_size: int) -> None:
+    """Raise a SelaggError for an empty dataset or a batch size that is not a positive whole number."""
+    whole_number(batch_size, "batch_size", 1, "pass the number of images per forward pass, e.g. 256")
+    if len(dataset) == 0:
+        raise SelaggError("The dataset holds no images, so there are no tokens to extract; pass a non-empty "
+                          "dataset (check its split and n_images).")
 
 
 def block_tokens(model: VisionTransformer, images: torch.Tensor, blocks: list[int],
@@ -72,13 +94,19 @@ def extract_blocks(model: VisionTransformer, dataset: Dataset, blocks: list[int 
                    device: str | torch.device = "cpu", norm: bool = True, progress: bool = True,
                    dtype: torch.dtype = torch.float16) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Tokens after several blocks in one pass over the data: ([(N, T, D)] per block, labels (N,))."""
+    check_extraction_inputs(dataset, batch_size)
     model.eval().to(device)
     per_block: list[list[torch.Tensor]] = [[] for _ in blocks]
-    labels = []
+    labels: list[torch.Tensor] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in progress_bar(loader, enabled=progress, desc="extracting tokens", leave=False):
+        done = sum(len(y) for y in labels)
+        check_finite_items(batch[0], "Image", done, _REPAIR)
         for store, tokens in zip(per_block, tokens_after(model, batch[0].to(device), blocks, norm)):
             store.append(tokens.to(dtype).cpu())
+            check_finite_items(store[-1], f"The backbone's {dtype} tokens of image", done,
+                               "the backbone produced NaN or values beyond that dtype's range: check its weights, "
+                               "or extract in float32")
         labels.append(torch.as_tensor(batch[1]))
     return [torch.cat(s) for s in per_block], torch.cat(labels)
 
@@ -138,41 +166,136 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(CACHE_ENV) or "~/.cache/selagg/features").expanduser()
 
 
-def backbone_identity(name: str | os.PathLike) -> dict:
-    """What identifies a backbone's weights: a tiny name or file with its sha256, or a timm name and its source."""
+def writable_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The cache folder, created if needed and checked to accept a new file, else a SelaggError (before any work)."""
+    folder = cache_dir(path)
+    if folder.exists() and not folder.is_dir():
+        raise SelaggError(f"The feature cache location {folder} is a file, not a folder; move that file away or "
+                          f"point {CACHE_ENV} (or directory=) to a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise SelaggError(f"The feature cache folder {folder} cannot be written ({err.strerror or err}); point "
+                          f"{CACHE_ENV} (or directory=) to a folder you can write, e.g. one under /tmp.") from None
+    return folder
+
+
+# ----------------------------------------------------------------------------- what identifies an entry
+def state_digest(model: torch.nn.Module) -> str:
+    """Hex sha256 of a model's weights and buffers (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        update_digest(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def backbone_identity(name: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
+    """What identifies the weights that make the tokens.
+
+    A model passed in: the digest of its weights. Otherwise what `load_backbone(name)` would load: a
+    tiny name or a file with its sha256, a timm name with its pretrained tag, or random weights with
+    their seed (timm names without pretrained weights, and `random:<timm name>`).
+    """
     import timm
 
-    from .models import TINY_NAMES, tiny_checkpoint_path
+    from .config import scale
+    from .models import RANDOM_INIT_SEED, TINY_NAMES, tiny_checkpoint_path, uses_pretrained_weights
 
     name = str(name)
+    label = Path(name).name if name.endswith(".safetensors") else name
+    if model is not None:
+        return {"backbone": label, "weights": "the model passed in", "state_sha256": state_digest(model)}
     if name in TINY_NAMES:
-        return {"backbone": name, "sha256": read_manifest(tiny_checkpoint_path(name)).get("sha256")}
+        return {"backbone": name, "sha256": read_manifest(tiny_checkpoint_path(name))["sha256"]}
     if name.endswith(".safetensors") or Path(name).is_file():
         return {"backbone": Path(name).name, "sha256": sha256_of(name)}
-    if timm.is_model(name):
+    arch = name[len("random:"):] if name.startswith("random:") else name
+    if timm.is_model(arch):
+        random_weights = {"weights": "random", "seed": RANDOM_INIT_SEED, "timm": timm.__version__,
+                          "torch": torch.__version__.split("+")[0]}
+        if arch != name or not uses_pretrained_weights(scale(), None):
+            return {"backbone": name, **random_weights}
         cfg = timm.models.get_pretrained_cfg(name)
         source = (cfg.hf_hub_id or cfg.url or "") if cfg is not None else ""
-        return {"backbone": name, "weights": source, "timm": timm.__version__}
+        return {"backbone": name, "weights": "pretrained", "tag": getattr(cfg, "tag", None) or "default",
+                "source": source, "timm": timm.__version__}
     raise SelaggError(f"Unknown backbone {name!r}: use a tiny name, a local .safetensors file or a timm name.")
 
 
-def dataset_identity(dataset: Dataset) -> dict:
-    """What identifies a dataset split's content and transform (its `.key` when it has one)."""
-    if hasattr(dataset, "key"):
-        return {"data": dataset.key, "transform": "none (tensors as stored)"}
-    base, indices = dataset, None
+def content_identity(dataset: Dataset) -> dict:
+    """What identifies a dataset's images and labels: recipe and tensor digest, file list, or item digest."""
     if isinstance(dataset, torch.utils.data.Subset):
-        base, indices = dataset.dataset, list(dataset.indices)
-    root = str(getattr(base, "root", type(base).__name__))
-    digest = hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16] if indices is not None else "all"
-    return {"data": {"root": root, "n_images": len(dataset), "indices": digest},
-            "transform": repr(getattr(base, "transform", None))}
+        indices = [int(i) for i in dataset.indices]
+        return {"subset_of": content_identity(dataset.dataset), "n_images": len(indices),
+                "indices": hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]}
+    key = getattr(dataset, "key", None)
+    if isinstance(key, dict):  # a recipe; the digest of its tensors guards against changed or hand-built data
+        tensors = {n: getattr(dataset, n) for n in ("images", "labels")
+                   if isinstance(getattr(dataset, n, None), torch.Tensor)}
+        return {**key, **({"content_sha256": tensors_digest(tensors)} if tensors else {})}
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        return {"tensors_sha256": tensors_digest({str(i): t for i, t in enumerate(dataset.tensors)}),
+                "n_images": len(dataset)}
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list) and hasattr(dataset, "root"):  # torchvision's ImageFolder and DatasetFolder
+        return {"root": str(dataset.root), "n_images": len(samples), "files_sha256": files_digest(samples)}
+    return {"type": type(dataset).__name__, "n_images": len(dataset), "items_sha256": items_digest(dataset)}
 
 
-def cache_key(backbone: str | os.PathLike, dataset: Dataset, block: int | str, norm: bool) -> dict:
+def files_digest(samples: list[tuple[str, int]]) -> str:
+    """Hex sha256 of a folder dataset's files: path, label, size and modification time of each."""
+    digest = hashlib.sha256()
+    for path, target in samples:
+        info = os.stat(path)
+        digest.update(f"{path}|{target}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def items_digest(dataset: Dataset) -> str:
+    """Hex sha256 of every item a dataset returns (one pass over its data, no model)."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        for j, part in enumerate(dataset[i]):
+            if isinstance(part, torch.Tensor):
+                update_digest(digest, f"{i}.{j}", part)
+            else:
+                digest.update(f"{i}.{j}|{part!r}|".encode())
+    return digest.hexdigest()
+
+
+def transform_identity(dataset: Dataset) -> str:
+    """What the dataset does to its stored images before they reach the model."""
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    transform = getattr(base, "transform", None)
+    if transform is None:
+        return "none (tensors as stored)"
+    return repr(transform)
+
+
+def dataset_identity(dataset: Dataset, data_key: str | None = None) -> dict:
+    """What identifies a dataset split's content and transform (a caller's `data_key` replaces both)."""
+    if data_key is not None:
+        if not isinstance(data_key, str) or not data_key.strip():
+            raise SelaggError(f"data_key={data_key!r} is not accepted: it must be a non-empty string that names "
+                              "this exact content (images, labels and transform), e.g. 'my-scans-v3-val'.")
+        return {"data": {"caller_key": data_key, "n_images": len(dataset)}, "transform": "part of data_key"}
+    return {"data": content_identity(dataset), "transform": transform_identity(dataset)}
+
+
+def entry_key(identity: dict, block: int | str, norm: bool) -> dict:
+    """The full key of one block's entry, from the weights' and the dataset's identity."""
+    return {"format": CACHE_FORMAT, **identity, "block": block, "norm": norm, "dtype": "float16"}
+
+
+def cache_key(backbone: str | os.PathLike, dataset: Dataset, block: int | str, norm: bool,
+              model: torch.nn.Module | None = None, data_key: str | None = None) -> dict:
     """The full key of a cache entry."""
-    return {"format": CACHE_FORMAT, **backbone_identity(backbone), **dataset_identity(dataset),
-            "block": block, "norm": norm, "dtype": "float16"}
+    return entry_key({**backbone_identity(backbone, model), **dataset_identity(dataset, data_key)}, block, norm)
 
 
 def key_digest(key: dict) -> str:
@@ -185,56 +308,104 @@ def entry_path(key: dict, directory: str | os.PathLike | None = None) -> Path:
     return cache_dir(directory) / f"{key_digest(key)}.safetensors"
 
 
+# ----------------------------------------------------------------------------- entries on disk
+class DamagedEntry(Exception):
+    """A cache entry that cannot be trusted (unreadable, truncated or changed); it is extracted again."""
+
+
+def entry_checksum(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """Hex sha256 of an entry's tensors (dtype, shape, bytes) and of its metadata other than the checksum."""
+    return tensors_digest(state, json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True))
+
+
 def save_entry(path: Path, tokens: TokenSet) -> None:
-    """Write one entry atomically (temporary file, then rename)."""
+    """Write one entry atomically (temporary file, then rename), with its checksum in the metadata."""
     meta = {"key": json.dumps(tokens.key, sort_keys=True, default=str),
             "num_prefix_tokens": str(tokens.num_prefix_tokens), "has_cls": str(int(tokens.has_cls)),
             "grid_size": json.dumps(list(tokens.grid_size))}
     state = {"tokens": tokens.tokens.to(torch.float16).contiguous(),
              "labels": tokens.labels.to(torch.int64).contiguous()}
+    meta["checksum"] = entry_checksum(state, meta)
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
+def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An entry's tensors and metadata, verified against its checksum; DamagedEntry when they do not match."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {name: f.get_tensor(name) for name in ("tokens", "labels")}
+    except Exception as err:  # truncated or garbled: safetensors, OS and decoding errors alike
+        raise DamagedEntry(f"unreadable: {type(err).__name__}") from None
+    if meta.get("checksum") != entry_checksum(state, meta):
+        raise DamagedEntry("its checksum does not match its content")
+    return state, meta
+
+
 def load_entry(path: Path, key: dict) -> TokenSet:
-    """Read an entry and refuse it when its stored key is not the requested one."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        stored = meta.get("key")
-        wanted = json.dumps(key, sort_keys=True, default=str)
-        if stored != wanted:
-            raise SelaggError(f"The cache entry {path.name} was made for another request (stored key differs from "
-                              f"the one asked for); delete it or point {CACHE_ENV} to a clean folder.")
-        tokens, labels = f.get_tensor("tokens"), f.get_tensor("labels")
-    return TokenSet(tokens, labels, int(meta["num_prefix_tokens"]), bool(int(meta["has_cls"])),
+    """Read a verified entry, and refuse it when its stored key is not the requested one."""
+    state, meta = read_entry(path)
+    if meta["key"] != json.dumps(key, sort_keys=True, default=str):
+        raise SelaggError(f"The cache entry {path} holds the tokens of another request (its stored key differs "
+                          f"from the one asked for); delete that file or point {CACHE_ENV} to a clean folder.")
+    return TokenSet(state["tokens"], state["labels"], int(meta["num_prefix_tokens"]), bool(int(meta["has_cls"])),
                     tuple(json.loads(meta["grid_size"])), key)
+
+
+def loaded_entry(path: Path, key: dict) -> TokenSet | None:
+    """The entry at `path` if it is there and intact; None (with one line) when it must be extracted again."""
+    if not path.is_file():
+        return None
+    try:
+        return load_entry(path, key)
+    except DamagedEntry as err:
+        notice(f"The cache entry {path} is damaged ({err}); extracting its tokens again.")
+        return None
+
+
+def stored(path: Path, entry: TokenSet) -> None:
+    """Save an entry; when the disk refuses, say so in one line and keep going (the tokens are still returned)."""
+    try:
+        save_entry(path, entry)
+    except OSError as err:
+        notice(f"Could not store the cache entry {path} ({err.strerror or err}); the tokens are used now but will "
+               "be extracted again next time.")
 
 
 def cached_blocks(backbone: str | os.PathLike, dataset: Dataset, blocks: list[int | None] | None = None,
                   norm: bool = True, batch_size: int = 256, device: str | torch.device = "cpu",
                   directory: str | os.PathLike | None = None, progress: bool = True,
-                  model: VisionTransformer | None = None) -> list[TokenSet]:
-    """Tokens after each block (None = the last block, after the final norm), extracting only what is not cached."""
+                  model: VisionTransformer | None = None, data_key: str | None = None) -> list[TokenSet]:
+    """Tokens after each block (None = the last block, after the final norm), extracting only what is not cached.
+
+    `model` replaces the weights `backbone` names (the key then holds the digest of its weights);
+    `data_key` names the dataset's content when the caller wants to skip digesting it.
+    """
     from .models import has_cls_token, load_backbone, num_prefix_tokens, patch_grid
 
+    check_extraction_inputs(dataset, batch_size)
     blocks = [None] if blocks is None else list(blocks)
-    keys = [cache_key(backbone, dataset, "last" if b is None else b, True if b is None else norm) for b in blocks]
-    found: dict[int, TokenSet] = {i: load_entry(entry_path(k, directory), k) for i, k in enumerate(keys)
-                                  if entry_path(k, directory).is_file()}
+    identity = {**backbone_identity(backbone, model), **dataset_identity(dataset, data_key)}
+    keys = [entry_key(identity, "last" if b is None else b, True if b is None else norm) for b in blocks]
+    paths = [entry_path(k, directory) for k in keys]
+    found = {i: entry for i, entry in enumerate(loaded_entry(p, k) for p, k in zip(paths, keys)) if entry is not None}
     missing = [i for i in range(len(blocks)) if i not in found]
     if missing:
+        remove_orphaned_temporaries(writable_cache_dir(directory))  # before the work, not after it
         model = model if model is not None else load_backbone(backbone, device=device)
         tokens, labels = extract_blocks(model, dataset, [blocks[i] for i in missing], batch_size, device, norm,
                                         progress)
         info = (num_prefix_tokens(model), has_cls_token(model), tuple(patch_grid(model)))
         for i, t in zip(missing, tokens):
-            entry = TokenSet(t, labels, *info, keys[i])
-            save_entry(entry_path(keys[i], directory), entry)
-            found[i] = entry
+            found[i] = TokenSet(t, labels, *info, keys[i])
+            stored(paths[i], found[i])
     return [found[i] for i in range(len(blocks))]
 
 
 def cached_tokens(backbone: str | os.PathLike, dataset: Dataset, block: int | None = None, norm: bool = True,
                   batch_size: int = 256, device: str | torch.device = "cpu", directory: str | os.PathLike | None = None,
-                  progress: bool = True, model: VisionTransformer | None = None) -> TokenSet:
+                  progress: bool = True, model: VisionTransformer | None = None,
+                  data_key: str | None = None) -> TokenSet:
     """Tokens of one block (None = last block after the final norm), from the cache or extracted and cached."""
-    return cached_blocks(backbone, dataset, [block], norm, batch_size, device, directory, progress, model)[0]
+    return cached_blocks(backbone, dataset, [block], norm, batch_size, device, directory, progress, model,
+                         data_key)[0]

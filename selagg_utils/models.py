@@ -21,6 +21,9 @@ TINY_NAMES = ("tiny-mae", "tiny-jea", "tiny-random")
 #: Full-scale backbones the book uses (timm names); any timm ViT name works too.
 FULL_NAMES = ("vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "vit_small_patch16_224.dino")
 
+#: The seed of every untrained timm backbone, so that "random weights" name one set of weights.
+RANDOM_INIT_SEED = 0
+
 
 def tiny_vit(**overrides) -> VisionTransformer:
     """A freshly initialised tiny ViT (TINY_CONFIG, with any field overridden)."""
@@ -68,15 +71,23 @@ def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pre
     return model.eval().requires_grad_(False).to(device)
 
 
-def _timm_backbone(name: str, scale: str, pretrained: bool | None, **kwargs) -> VisionTransformer:
-    """A timm ViT; pretrained weights are fetched only when the full scale is asked for."""
+def uses_pretrained_weights(scale: str, pretrained: bool | None) -> bool:
+    """Whether a timm name loads pretrained weights: asked for, or by default at full scale unless SELAGG_PRETRAINED=0."""
     if pretrained is None:  # SELAGG_PRETRAINED=0 runs the full-scale code path offline, with random weights
-        pretrained = scale == "full" and os.environ.get("SELAGG_PRETRAINED", "1") != "0"
+        return scale == "full" and os.environ.get("SELAGG_PRETRAINED", "1") != "0"
+    return bool(pretrained)
+
+
+def _timm_backbone(name: str, scale: str, pretrained: bool | None, **kwargs) -> VisionTransformer:
+    """A timm ViT; pretrained weights are fetched only when the full scale is asked for; random ones are seeded."""
+    pretrained = uses_pretrained_weights(scale, pretrained)
     if pretrained and scale != "full":
         raise SelaggError(f"{name!r} with pretrained weights needs the full scale (SELAGG_SCALE=full); "
                           f"offline, use a tiny backbone ({', '.join(TINY_NAMES)}).")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # the same random weights every time, the caller's RNG untouched
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except (OSError, RuntimeError) as err:
         if pretrained and _looks_offline(err):
             raise SelaggError(f"Could not download the weights of {name!r}: no network connection; the full "
@@ -101,7 +112,13 @@ def model_from_checkpoint(path: str | os.PathLike) -> VisionTransformer:
     config = manifest.get("model_config")
     if not isinstance(config, dict):
         raise SelaggError(f"Checkpoint {Path(path).name} has no model_config in its manifest.")
-    model = tiny_vit(**config) if config.get("in_chans") is not None else VisionTransformer(**config)
+    try:
+        model = tiny_vit(**config) if config.get("in_chans") is not None else VisionTransformer(**config)
+    except SelaggError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SelaggError(f"The model_config in the manifest of {Path(path).name} does not describe a timm "
+                          f"VisionTransformer ({err}); restore the manifest or save the checkpoint again.") from None
     load_weights(model, sub_state(state, "backbone"), Path(path).name)
     return model
 

@@ -1,0 +1,91 @@
+"""Checks shared by the package: finite numbers, digests of tensors, and validated numbers from a reader.
+
+The rule they serve: every fault ends either in the correct result or in one `SelaggError` sentence
+(what was wrong, what is accepted, what to do), and never loses work already done.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+
+import numpy as np
+import torch
+
+from .errors import SelaggError
+
+#: Bits of the exponent of each half-precision format: all set means inf or NaN.
+_EXPONENT_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no infinity (fast: one reduction, no boolean copy of the tensor)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if tensor.dtype in _EXPONENT_BITS:  # halves: test the exponent bits, much faster on a CPU than isfinite
+        bits = tensor.detach().cpu().contiguous().view(torch.int16).numpy()
+        mask = np.int16(_EXPONENT_BITS[tensor.dtype])
+        return not bool(((bits & mask) == mask).any())
+    # a sum is NaN or infinite as soon as one element is (token values are far from float32's range)
+    return bool(torch.isfinite(tensor.detach().sum(dtype=torch.float64 if tensor.dtype == torch.float64 else None)))
+
+
+def first_nonfinite_item(tensor: torch.Tensor) -> int | None:
+    """Index along the first dimension of the first item holding a NaN or an infinity, or None."""
+    if all_finite(tensor):
+        return None
+    bad = ~torch.isfinite(tensor.detach().float()).reshape(len(tensor), -1).all(1)
+    return int(bad.nonzero()[0, 0])
+
+
+def check_finite_items(tensor: torch.Tensor, what: str, offset: int = 0, remedy: str = "") -> None:
+    """Raise a SelaggError naming the first item (counted from `offset`) of a batch that is not finite."""
+    index = first_nonfinite_item(tensor)
+    if index is not None:
+        raise SelaggError(f"{what} {offset + index} contains NaN or infinite values, which would turn every number "
+                          f"computed from it into noise; only finite values are accepted"
+                          f"{'; ' + remedy if remedy else ''}.")
+
+
+def update_digest(digest: "hashlib._Hash", name: str, tensor: torch.Tensor) -> None:
+    """Feed a tensor's name, dtype, shape and bytes to a running hash."""
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    """Hex sha256 of named tensors (names, dtypes, shapes and bytes) and an optional text."""
+    digest = hashlib.sha256(extra.encode())
+    for name in sorted(tensors):
+        update_digest(digest, name, tensors[name])
+    return digest.hexdigest()
+
+
+def notice(message: str) -> None:
+    """Tell the reader, in one line, about a fault the package repaired on its own."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- numbers a reader passes
+def whole_number(value, name: str, minimum: int, remedy: str) -> int:
+    """`value` as an int when it is a whole number >= minimum (not a bool), else a SelaggError."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+    if not ok:
+        raise SelaggError(f"{name}={value!r} is not accepted: it must be a whole number of at least {minimum}; "
+                          f"{remedy}.")
+    return int(value)
+
+
+def real_number(value, name: str, minimum: float, remedy: str, strictly: bool = False,
+                maximum: float | None = None) -> float:
+    """`value` as a float when it is a finite number within the bounds, else a SelaggError."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (value > minimum if strictly else value >= minimum) \
+        and (maximum is None or value < maximum)
+    if not ok:
+        bound = f"{'greater than' if strictly else 'at least'} {minimum:g}" + \
+                (f" and below {maximum:g}" if maximum is not None else "")
+        raise SelaggError(f"{name}={value!r} is not accepted: it must be a finite number {bound}; {remedy}.")
+    return float(value)
