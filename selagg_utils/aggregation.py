@@ -7,11 +7,14 @@ a head does not pool (registers, and [cls] unless asked for) get weight 0.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent, build_sincos2d_pos_embed
 
+from .checks import whole_number
 from .errors import SelaggError
 
 HEADS = ("cls", "mean", "abmilp", "abmilp-tanh", "abmilp-relu", "abmilp-gated", "abmilp-sa", "abmilp-pos",
@@ -23,6 +26,9 @@ class Aggregator(nn.Module):
 
     def __init__(self, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True):
         super().__init__()
+        whole_number(dim, "dim", 1, "pass the backbone's token width (embed_dim), e.g. 768")
+        whole_number(num_prefix_tokens, "num_prefix_tokens", 0, "pass how many tokens precede the patches "
+                     "([cls] plus registers; models.num_prefix_tokens(model) gives it)")
         if has_cls and num_prefix_tokens < 1:
             raise SelaggError(f"A model with a [cls] token has at least 1 prefix token, got num_prefix_tokens="
                               f"{num_prefix_tokens}; pass has_cls=False for a model without [cls].")
@@ -221,8 +227,10 @@ class AbMILP(Aggregator):
         if pos_embed in (None, "none"):
             self.register_buffer("pos_embed", None)
         elif pos_embed == "sincos":
-            if grid_size is None:
-                raise SelaggError("pos_embed='sincos' needs the patch grid, e.g. grid_size=(8, 8).")
+            if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2
+                    and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_size)):
+                raise SelaggError(f"pos_embed='sincos' needs the patch grid as two positive whole numbers, got "
+                                  f"grid_size={grid_size!r}; pass e.g. grid_size=(8, 8) (models.patch_grid(model)).")
             self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(grid_size), dim), persistent=False)
         else:
             raise SelaggError(f"Unknown pos_embed {pos_embed!r}; choose None or 'sincos'.")
@@ -237,6 +245,15 @@ class AbMILP(Aggregator):
             self.value, self.gate = nn.Linear(width, hidden), nn.Linear(width, hidden)
             width = hidden
         self.score = nn.Linear(width, 1)
+
+    def check(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As Aggregator.check, and the number of patch tokens must fit the grid of the position codes."""
+        tokens, mask = super().check(tokens, mask)
+        if self.pos_embed is not None and tokens.shape[1] - self.num_prefix_tokens != len(self.pos_embed):
+            raise SelaggError(f"Got {tokens.shape[1] - self.num_prefix_tokens} patch tokens but the head's position "
+                              f"codes cover a grid of {len(self.pos_embed)} patches; build the head with the "
+                              "backbone's grid_size (models.patch_grid(model) or TokenSet.grid_size).")
+        return tokens, mask
 
     def scores(self, tokens: torch.Tensor) -> torch.Tensor:
         """One unnormalised score per token, (B, T)."""
@@ -403,18 +420,27 @@ def make_head(name: str, dim: int, num_prefix_tokens: int = 1, has_cls: bool = T
               grid_size: tuple[int, int] | None = None, **kwargs) -> Aggregator:
     """A pooling head by name (see HEADS); extra keyword arguments go to its class."""
     common = dict(dim=dim, num_prefix_tokens=num_prefix_tokens, has_cls=has_cls)
-    if name == "cls":
-        return ClsPool(**common)
-    if name == "mean":
-        return MeanPool(**common)
-    if name == "attentive":
-        return AttentivePool(**common, **kwargs)
+    classes = {"cls": ClsPool, "mean": MeanPool, "attentive": AttentivePool}
+    check_head_options(name, classes.get(name, AbMILP), kwargs)
+    if name in classes:
+        return classes[name](**common, **kwargs)
     variants = {"abmilp": {}, "abmilp-tanh": dict(depth=1, act="tanh"), "abmilp-relu": dict(depth=1, act="relu"),
                 "abmilp-gated": dict(gated=True), "abmilp-sa": dict(self_attention=True),
                 "abmilp-pos": dict(pos_embed="sincos", grid_size=grid_size), "abmilp-cls": dict(include_cls=True)}
     if name not in variants:
         raise SelaggError(f"Unknown pooling head {name!r}; choose one of {', '.join(HEADS)}.")
     return AbMILP(**common, **{**variants[name], **kwargs})
+
+
+def check_head_options(name: str, cls: type, options: dict) -> None:
+    """Raise a SelaggError for keyword arguments the head would otherwise drop or fail on deep inside."""
+    accepted = [p for p in inspect.signature(cls.__init__).parameters
+                if p not in ("self", "dim", "num_prefix_tokens", "has_cls")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SelaggError(f"The {name!r} head takes no option {', '.join(map(repr, unknown))}; it accepts "
+                          f"{', '.join(accepted) if accepted else 'none besides dim, num_prefix_tokens and has_cls'}: "
+                          "check the spelling or leave the option out.")
 
 
 def head_for_model(name: str, model: nn.Module, **kwargs) -> Aggregator:

@@ -19,6 +19,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .checks import all_finite, check_finite_items
 from .errors import SelaggError
 from .progress import progress_bar
 
@@ -139,6 +140,10 @@ def _check_probabilities(block: int, probs: torch.Tensor, num_tokens: int, num_h
         raise SelaggError(f"Block {block} passed a tensor of shape {tuple(probs.shape)} through attn_drop, not "
                           f"attention of shape (batch, {num_heads}, {num_tokens}, {num_tokens}); this attention "
                           "module is not supported.")
+    if not all_finite(probs):
+        raise SelaggError(f"Block {block} produced NaN or infinite attention from finite images, so the backbone "
+                          "overflowed or holds non-finite weights; run it in float32 (autocast=False) or check its "
+                          "weights.")
     err = float((probs.float().sum(-1) - 1).abs().max())
     if not err <= _ROW_SUM_TOLERANCE:
         raise SelaggError(f"Block {block}'s attention rows do not sum to 1 (off by up to {err:.3g}), so they are "
@@ -353,6 +358,17 @@ class _Accumulator:
             self.seen.add(block)
         self.add(block, batch_statistics(probs, self.layout, self.object_mask))
 
+    def check_finite(self, batch: int, first_image: int, autocast) -> None:
+        """A SelaggError naming the batch and block when this batch made any running sum NaN or infinite."""
+        for name, total in self.sums.items():
+            bad = ~torch.isfinite(total.reshape(self.depth, -1)).all(1)
+            if bool(bad.any()):
+                block = int(bad.nonzero()[0, 0])
+                raise SelaggError(f"Batch {batch} (images {first_image} onwards) gave non-finite attention in block "
+                                  f"{block} ({name}) although its images are finite, so the backbone overflowed"
+                                  f"{' under autocast=' + str(autocast) if autocast else ''}; run it in float32 "
+                                  "(autocast=False) or check its weights.")
+
     def residual(self, block: int, block_input: torch.Tensor, branch: torch.Tensor) -> None:
         self.add(block, residual_ratios(block_input, branch, self.layout))
 
@@ -403,13 +419,17 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
     with _eval_mode(model), attention_hooks(model, acc.attention, acc.residual):
         bar = progress_bar(loader, enabled=progress, total=total, desc=f"attention statistics {name}".strip(),
                            leave=False)
-        for batch in bar:
+        for number, batch in enumerate(bar):
             images, mask = _split_batch(batch, object_masks)
+            if len(images) == 0:  # an empty batch adds no image: nothing to measure
+                continue
+            check_finite_items(images, "Image", acc.n_images, "remove or repair that image before measuring attention")
             acc.object_mask = None if mask is None else _check_mask(mask, layout)
             with autocast_context(dev, autocast):
                 model.forward_features(images.to(dev, non_blocking=True))
             acc.n_images += len(images)
             _check_all_captured(acc.seen, depth, model)
+            acc.check_finite(number, acc.n_images - len(images), autocast)
     if acc.n_images == 0:
         raise SelaggError("The loader yielded no images; pass a DataLoader over a non-empty dataset.")
     return acc.result(per_head, name)

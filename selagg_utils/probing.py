@@ -11,6 +11,7 @@ same way, each with its own batches.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -22,14 +23,28 @@ from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 
 from .aggregation import Aggregator, make_head, negligible_grad_dropped
+from .checks import all_finite, first_nonfinite_item, notice, real_number, whole_number
 from .errors import SelaggError
 from .progress import progress_bar
 from .features import TokenSet
 
 
+def check_features(train: torch.Tensor, test: torch.Tensor) -> None:
+    """Raise a SelaggError for empty features or a feature row (image) with NaN or infinity."""
+    for split, x in (("train", train), ("test", test)):
+        if x.shape[-2] == 0:
+            raise SelaggError(f"The {split} features hold no images; pass at least one feature row per split.")
+        if not all_finite(x):
+            rows = x.reshape(-1, *x.shape[-2:]).isfinite().all(-1).logical_not().any(0)
+            raise SelaggError(f"The {split} features of image {int(rows.nonzero()[0, 0])} contain NaN or infinite "
+                              "values, which would make the accuracy meaningless; only finite features are "
+                              "accepted: extract them again from finite images, or leave that image out.")
+
+
 def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, num_classes: int | None = None) -> float:
     """Weighted k-NN on cosine similarity (votes exp(sim / T), as in DINO's evaluation)."""
+    check_features(train, test)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if num_classes is None else num_classes
     a, b = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
     sim, idx = (b @ a.T).topk(min(k, len(a)), dim=1)
@@ -44,6 +59,7 @@ def logistic_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, tes
     The same model as scikit-learn's LogisticRegression(C), fitted with torch's full-batch L-BFGS,
     which is much faster on a laptop CPU.
     """
+    check_features(train, test)
     # Clones: features and labels may come from inference mode, which autograd cannot use.
     x, xt, y = train.double().clone(), test.double().clone(), train_labels.long().clone()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -69,6 +85,7 @@ def logistic_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, tes
 def ridge_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
                    alpha: float = 1.0, num_classes: int | None = None) -> torch.Tensor:
     """Least-squares linear probe on standardised features, batched over leading dims: (..., n, D) -> (...)."""
+    check_features(train, test)
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
     train, test = train.double(), test.double()
     mean, std = train.mean(-2, keepdim=True), train.std(-2, keepdim=True).clamp_min(1e-6)
@@ -90,6 +107,10 @@ def position_accuracy(train: TokenSet, test: TokenSet, alpha: float = 1.0, chunk
 
 
 # ----------------------------------------------------------------------------- heads trained by gradient
+OPTIMIZERS = ("lars", "adamw")
+MAX_LR = 1e6  # far beyond any probe's useful range, and safely inside float32 once scaled by the batch size
+
+
 @dataclass(frozen=True)
 class ProbeRecipe:
     """How probe heads are trained; base learning rates are scaled by batch_size / 256 as in MAE."""
@@ -102,6 +123,27 @@ class ProbeRecipe:
     weight_decay: float = 0.0
     momentum: float = 0.9
     min_steps: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse a recipe that would train nothing, diverge on purpose or report an untrained head."""
+        if self.optimizer not in OPTIMIZERS:
+            raise SelaggError(f"Unknown optimizer {self.optimizer!r}; choose 'lars' (MAE's protocol) or 'adamw'.")
+        whole_number(self.epochs, "epochs", 1, "a probe must train for at least one epoch (MAE's protocol uses 90)")
+        real_number(self.warmup_epochs, "warmup_epochs", 0, "use 0 for no warm-up (MAE's protocol uses 10)")
+        if self.warmup_epochs > self.epochs:
+            raise SelaggError(f"warmup_epochs={self.warmup_epochs} is longer than epochs={self.epochs}; the warm-up "
+                              "is part of the training, so choose at most as many warm-up epochs as epochs.")
+        whole_number(self.batch_size, "batch_size", 2, "BatchNorm needs at least 2 images per batch (MAE uses 256)")
+        if isinstance(self.lrs, (str, bytes)) or not hasattr(self.lrs, "__iter__") or len(tuple(self.lrs)) == 0:
+            raise SelaggError(f"lrs={self.lrs!r} is not accepted: it must be a non-empty sequence of learning rates, "
+                              "e.g. lrs=(0.1, 1.0, 10.0).")
+        object.__setattr__(self, "lrs", tuple(self.lrs))
+        for lr in self.lrs:
+            real_number(lr, "a learning rate in lrs, here", 0, "every rate must be positive (a negative one climbs "
+                        "the loss) and below 1e6; e.g. lrs=(0.1, 1.0, 10.0)", strictly=True, maximum=MAX_LR)
+        real_number(self.weight_decay, "weight_decay", 0, "use 0 for none (MAE's probe) or a small value like 0.05")
+        real_number(self.momentum, "momentum", 0, "use 0.9 as MAE's LARS does", maximum=1)
+        whole_number(self.min_steps, "min_steps", 0, "use 0 unless tiny training sets need more steps")
 
     def scaled_lrs(self, batch_size: int) -> list[float]:
         """The learning rates actually used for a batch size."""
@@ -437,6 +479,8 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
     A seed sets both the head's initialisation and its batch order, so the spread over seeds is the
     spread one would get from separate runs.
     """
+    seeds = checked_seeds(seeds)
+    check_probe_inputs(recipe, train, val, test)
     num_classes = max(train.num_classes, val.num_classes)
     k = len(recipe.lrs)
     heads = [copy.deepcopy(new_head(head_name, train, num_classes, s, **head_kwargs)) for s in seeds for _ in range(k)]
@@ -444,15 +488,88 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
     losses = fit_stack(stack, training_source(stack, train, device), train.labels, recipe, list(seeds), progress)
     stack.prepooled = False
     val_acc = stack_accuracy(stack, val.tokens.to(device), val.labels)
+    diverged = diverged_copies(stack)
     results = []
     for g, seed in enumerate(seeds):
-        acc = val_acc[g * k:(g + 1) * k]
-        best = int(np.argmax(acc))  # first best: the smallest such lr
+        acc = usable_accuracies(val_acc[g * k:(g + 1) * k], diverged[g * k:(g + 1) * k], recipe.lrs, head_name, seed)
+        best = int(np.nanargmax(acc))  # first best: the smallest such lr
         head = stack.heads[g * k + best].cpu().eval()
         test_acc = probe_accuracy(head, test) if test is not None else None
         results.append(ProbeResult(head_name, list(recipe.lrs), acc, recipe.lrs[best], acc[best], test_acc, head,
                                    seed, losses))
     return results
+
+
+def checked_seeds(seeds) -> tuple[int, ...]:
+    """The seeds as a tuple of whole numbers >= 0, or a SelaggError."""
+    seeds = (seeds,) if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool) else seeds
+    if not hasattr(seeds, "__iter__") or len(tuple(seeds)) == 0:
+        raise SelaggError(f"seeds={seeds!r} is not accepted: give a non-empty sequence of whole numbers, e.g. (0, 1, 2).")
+    return tuple(whole_number(s, "a seed", 0, "seeds are whole numbers such as (0, 1, 2)") for s in seeds)
+
+
+def check_probe_inputs(recipe: ProbeRecipe, train: TokenSet, val: TokenSet, test: TokenSet | None) -> None:
+    """Refuse splits that cannot train or score a probe: a wrong recipe type, too few images, mismatched or non-finite tokens."""
+    if not isinstance(recipe, ProbeRecipe):
+        raise SelaggError(f"recipe must be a ProbeRecipe, got a {type(recipe).__name__}; build one with "
+                          "probing.ProbeRecipe(epochs=..., lrs=(...)).")
+    splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    for name, tokens in splits.items():
+        if not isinstance(tokens, TokenSet):
+            raise SelaggError(f"The {name} split must be a TokenSet (from features.cached_tokens), got a "
+                              f"{type(tokens).__name__}.")
+        least = 2 if name == "train" else 1
+        if len(tokens) < least:
+            raise SelaggError(f"The {name} split holds {len(tokens)} image(s); a probe needs at least {least} there "
+                              "(BatchNorm trains on batches of 2 or more): pass a larger split.")
+        if int(tokens.labels.min()) < 0:
+            raise SelaggError(f"The {name} split has negative labels; labels must be class indices 0, 1, 2, ...")
+        layout = (tokens.dim, tokens.num_prefix_tokens, tokens.has_cls, tuple(tokens.grid_size))
+        if layout != (train.dim, train.num_prefix_tokens, train.has_cls, tuple(train.grid_size)):
+            raise SelaggError(f"The {name} split's tokens (width, prefix tokens, [cls], grid = {layout}) differ from "
+                              "the train split's; probe tokens of one backbone and block in every split.")
+        check_finite_tokens(tokens, name)
+
+
+_FINITE_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def check_finite_tokens(tokens: TokenSet, split: str) -> None:
+    """Raise a SelaggError naming the first image whose tokens hold NaN or infinity (each tensor checked once)."""
+    t = tokens.tokens
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor: it cannot be changed in place outside inference mode
+        version = -1
+    seen = _FINITE_CHECKED.get(id(t))
+    if seen is not None and seen[0]() is t and seen[1] == version:
+        return
+    index = first_nonfinite_item(t)
+    if index is not None:
+        raise SelaggError(f"The {split} tokens of image {index} contain NaN or infinite values, which would make "
+                          "every probe on them score at chance; only finite tokens are accepted: extract them "
+                          "again from finite images, or leave that image out with tokens.subset(...).")
+    for key in [key for key, (ref, _) in _FINITE_CHECKED.items() if ref() is None]:
+        del _FINITE_CHECKED[key]
+    _FINITE_CHECKED[id(t)] = (weakref.ref(t), version)
+
+
+def diverged_copies(stack: ProbeStack) -> list[bool]:
+    """For each copy in a stack, whether training left NaN or infinite weights or statistics."""
+    return [not all(all_finite(t) for t in [*head.parameters(), *head.buffers()]) for head in stack.heads]
+
+
+def usable_accuracies(acc: list[float], diverged: list[bool], lrs: tuple[float, ...], head_name: str,
+                      seed: int) -> list[float]:
+    """Val accuracy per lr with NaN where the copy diverged (one line names them), or a SelaggError if all did."""
+    if all(diverged):
+        raise SelaggError(f"Every learning rate of the {head_name!r} probe with seed {seed} diverged (NaN or "
+                          f"infinite weights) at lrs={lrs}; no head was trained, so lower the learning rates.")
+    if any(diverged):
+        notice(f"{head_name!r} probe, seed {seed}: learning rate(s) "
+               f"{', '.join(f'{lr:g}' for lr, d in zip(lrs, diverged) if d)} diverged (NaN or infinite weights) "
+               "and were left out of the choice.")
+    return [float("nan") if d else a for a, d in zip(acc, diverged)]
 
 
 def train_probe(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet | None = None,
