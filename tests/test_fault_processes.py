@@ -1,0 +1,183 @@
+"""Real faults in real processes: kill -9 in the middle of an extraction and of a write, three processes
+filling one cache entry at once, and bit-identical probes from two fresh processes."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from selagg_utils import features as feat
+from selagg_utils.data import load_dataset
+from selagg_utils.models import load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+N_IMAGES = 48
+
+PREAMBLE = f"""
+import os, sys, time, hashlib
+from pathlib import Path
+import torch
+from selagg_utils import features as feat
+from selagg_utils.data import load_dataset
+data = load_dataset("cluttered-digits", "val", n_images={N_IMAGES}, seed=0)
+def signal_and_wait(name):
+    Path(os.environ["MARKERS"], name).touch()
+    time.sleep(600)
+"""
+
+STALL_IN_EXTRACTION = """
+real = feat.tokens_after
+calls = []
+def stalls_on_second_batch(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        signal_and_wait("extracting")
+    return real(*args, **kwargs)
+feat.tokens_after = stalls_on_second_batch
+feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+"""
+
+STALL_IN_WRITE = """
+from safetensors.torch import save
+def half_then_stall(tensors, filename, metadata=None):
+    raw = save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+    signal_and_wait("writing")
+feat.save_file = half_then_stall
+feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+"""
+
+WRITER = """
+Path(os.environ["MARKERS"], f"ready-{os.getpid()}").touch()
+while not Path(os.environ["MARKERS"], "go").exists():
+    time.sleep(0.01)
+tokens = feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+print(hashlib.sha256(tokens.tokens.numpy().tobytes()).hexdigest())
+"""
+
+PROBE = """
+from selagg_utils.features import TokenSet
+from selagg_utils.probing import ProbeRecipe, train_probes
+g = torch.Generator().manual_seed(0)
+labels = torch.arange(96) % 3
+x = torch.randn(96, 10, 16, generator=g)
+x[torch.arange(96), 1 + labels * 3, :3] += 3 * torch.nn.functional.one_hot(labels, 3)
+train, val = TokenSet(x[:64].half(), labels[:64], 1, True, (3, 3)), TokenSet(x[64:].half(), labels[64:], 1, True, (3, 3))
+recipe = ProbeRecipe(epochs=3, warmup_epochs=1, batch_size=16, optimizer="adamw", lrs=(0.01, 0.1))
+digest = hashlib.sha256()
+for head in ("abmilp", "attentive"):
+    for r in train_probes(head, train, val, recipe=recipe, seeds=(0, 1), **({"num_heads": 2} if head == "attentive" else {})):
+        digest.update(repr((r.val_by_lr, r.best_lr, r.losses)).encode())
+        for name, t in sorted(r.head.state_dict().items()):
+            digest.update(name.encode() + t.numpy().tobytes())
+print(torch.get_num_threads(), digest.hexdigest())
+"""
+
+
+def start(code: str, cache: Path, markers: Path) -> subprocess.Popen:
+    """A fresh Python process running the preamble and `code`, with its own cache folder."""
+    env = {**os.environ, "SELAGG_CACHE": str(cache), "MARKERS": str(markers), "TQDM_DISABLE": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(PREAMBLE + code)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout: float = 240.0) -> None:
+    """Wait until every marker exists (failing early if a process died first)."""
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths):
+        for proc in processes:
+            if proc.poll() is not None:
+                pytest.fail(f"a child process ended early: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("the child processes did not reach the point of the fault in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    """The tokens the cache must return, computed directly."""
+    data = load_dataset("cluttered-digits", "val", n_images=N_IMAGES, seed=0)
+    with torch.no_grad():
+        return data, load_backbone("tiny-random").forward_features(data.images).half()
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """Two processes killed with SIGKILL, one in the middle of an extraction, one in the middle of its write."""
+    root = tmp_path_factory.mktemp("killed")
+    markers = root / "markers"
+    markers.mkdir()
+    caches = {"extracting": root / "cache-extracting", "writing": root / "cache-writing"}
+    procs = {"extracting": start(STALL_IN_EXTRACTION, caches["extracting"], markers),
+             "writing": start(STALL_IN_WRITE, caches["writing"], markers)}
+    wait_for([markers / name for name in procs], list(procs.values()))
+    for proc in procs.values():
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()  # reaped: its process id is free again
+        proc.stdout.close(), proc.stderr.close()
+    return caches, {name: proc.pid for name, proc in procs.items()}
+
+
+def test_kill_in_the_middle_of_extraction_leaves_nothing_and_the_next_run_is_right(killed, expected, monkeypatch):
+    caches, _ = killed
+    cache = caches["extracting"]
+    assert list(cache.iterdir()) == []  # not even a temporary file: the write had not begun
+    monkeypatch.setenv(feat.CACHE_ENV, str(cache))
+    data, tokens = expected
+    assert torch.equal(feat.cached_tokens("tiny-random", data, progress=False).tokens, tokens)
+
+
+def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(killed, expected, monkeypatch,
+                                                                               capsys):
+    caches, pids = killed
+    cache = caches["writing"]
+    orphans = list(cache.glob(".*.tmp"))
+    assert len(orphans) == 1 and f"-{pids['writing']}." in orphans[0].name and orphans[0].stat().st_size > 0
+    assert list(cache.glob("*.safetensors")) == []  # nothing a run could load
+    monkeypatch.setenv(feat.CACHE_ENV, str(cache))
+    data, tokens = expected
+    got = feat.cached_tokens("tiny-random", data, progress=False)
+    assert torch.equal(got.tokens, tokens) and not orphans[0].exists()
+    assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]
+    assert torch.equal(feat.cached_tokens("tiny-random", data, progress=False).tokens, tokens)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture(scope="module")
+def three_writers(tmp_path_factory):
+    """Three fresh processes released at once to fill one cache entry, each then training the same probes."""
+    root = tmp_path_factory.mktemp("writers")
+    markers, cache = root / "markers", root / "cache"
+    markers.mkdir()
+    procs = [start(WRITER + PROBE, cache, markers) for _ in range(3)]
+    wait_for([markers / f"ready-{p.pid}" for p in procs], procs)
+    (markers / "go").touch()
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    return cache, [out.split() for out, _ in outputs]
+
+
+def test_three_processes_filling_one_entry_at_once(three_writers, expected, monkeypatch):
+    cache, outputs = three_writers
+    data, tokens = expected
+    assert len({out[0] for out in outputs}) == 1  # every writer got the same tokens
+    monkeypatch.setenv(feat.CACHE_ENV, str(cache))
+    monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("the entry was not usable"))
+    got = feat.cached_tokens("tiny-random", data, progress=False)
+    assert torch.equal(got.tokens, tokens)
+    assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]  # no temporary file left
+
+
+def test_the_same_seed_gives_bit_identical_probes_in_fresh_processes(three_writers):
+    _, outputs = three_writers
+    probes = {tuple(out[1:]) for out in outputs}  # (thread count, digest of accuracies, losses and weights)
+    assert len(probes) == 1 and len(next(iter(probes))[1]) == 64
