@@ -122,6 +122,21 @@ class TokenSet:
     grid_size: tuple[int, int]
     key: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse tokens and a layout that disagree, which would pool or label the wrong tokens."""
+        if not (isinstance(self.tokens, torch.Tensor) and self.tokens.ndim == 3 and isinstance(self.labels, torch.Tensor)
+                and self.labels.ndim == 1 and len(self.labels) == len(self.tokens)):
+            raise SelaggError("A TokenSet needs tokens of shape (images, tokens, width) and one label per image, "
+                              f"got tokens {tuple(getattr(self.tokens, 'shape', ()))} and labels "
+                              f"{tuple(getattr(self.labels, 'shape', ()))}; pass what extract_blocks returns.")
+        prefix = whole_number(self.num_prefix_tokens, "num_prefix_tokens", int(bool(self.has_cls)),
+                              "count the [cls] and register tokens before the patches (models.num_prefix_tokens)")
+        grid = tuple(self.grid_size) if isinstance(self.grid_size, (tuple, list, torch.Size)) else (self.grid_size,)
+        if len(grid) != 2 or grid[0] * grid[1] != self.tokens.shape[1] - prefix:
+            raise SelaggError(f"The patch grid {grid} does not hold the {self.tokens.shape[1] - prefix} "
+                              f"patch tokens that follow {prefix} prefix tokens; pass the backbone's grid "
+                              "(models.patch_grid(model)).")
+
     def __len__(self) -> int:
         return len(self.labels)
 

@@ -169,3 +169,10 @@ def test_a_manifest_whose_model_config_is_wrong_is_refused(checkpoint, config):
     manifest.write_text(json.dumps(data))
     with pytest.raises(SelaggError):
         model_from_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("prefix, grid, words", [(-1, (2, 2), "num_prefix_tokens=-1"), (0, (2, 2), "num_prefix_tokens=0"),
+                                                 (1, (3, 3), "does not hold the 4 patch tokens")])
+def test_a_token_set_whose_layout_disagrees_with_its_tokens_is_refused(prefix, grid, words):
+    with pytest.raises(SelaggError, match=words):
+        TokenSet(torch.zeros(4, 5, 8), torch.zeros(4, dtype=torch.long), prefix, True, grid)
