@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import _atomic_write, read_manifest, remove_orphaned_temporaries, sha256_of
+from .checkpoints import (_atomic_write, read_manifest, remove_orphaned_temporaries, sha256_of,
+                          temporary_prefix)
 from .checks import check_finite_items, notice, tensors_digest, update_digest, whole_number
 from .errors import SelaggError
 from .progress import progress_bar
@@ -124,8 +125,9 @@ class TokenSet:
 
     def __post_init__(self) -> None:
         """Refuse tokens and a layout that disagree, which would pool or label the wrong tokens."""
-        if not (isinstance(self.tokens, torch.Tensor) and self.tokens.ndim == 3 and isinstance(self.labels, torch.Tensor)
-                and self.labels.ndim == 1 and len(self.labels) == len(self.tokens)):
+        tokens, labels = self.tokens, self.labels
+        if not (isinstance(tokens, torch.Tensor) and tokens.ndim == 3 and isinstance(labels, torch.Tensor)
+                and labels.ndim == 1 and len(labels) == len(tokens)):
             raise SelaggError("A TokenSet needs tokens of shape (images, tokens, width) and one label per image, "
                               f"got tokens {tuple(getattr(self.tokens, 'shape', ()))} and labels "
                               f"{tuple(getattr(self.labels, 'shape', ()))}; pass what extract_blocks returns.")
@@ -189,7 +191,7 @@ def writable_cache_dir(path: str | os.PathLike | None = None) -> Path:
                           f"point {CACHE_ENV} (or directory=) to a folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(folder / "write-check"), suffix=".tmp")
         os.close(fd)
         os.remove(probe)
     except OSError as err:

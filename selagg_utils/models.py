@@ -72,7 +72,7 @@ def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pre
 
 
 def uses_pretrained_weights(scale: str, pretrained: bool | None) -> bool:
-    """Whether a timm name loads pretrained weights: asked for, or by default at full scale unless SELAGG_PRETRAINED=0."""
+    """Whether a timm name loads pretrained weights: if asked for, else at full scale unless SELAGG_PRETRAINED=0."""
     if pretrained is None:  # SELAGG_PRETRAINED=0 runs the full-scale code path offline, with random weights
         return scale == "full" and os.environ.get("SELAGG_PRETRAINED", "1") != "0"
     return bool(pretrained)

@@ -504,12 +504,13 @@ def checked_seeds(seeds) -> tuple[int, ...]:
     """The seeds as a tuple of whole numbers >= 0, or a SelaggError."""
     seeds = (seeds,) if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool) else seeds
     if not hasattr(seeds, "__iter__") or len(tuple(seeds)) == 0:
-        raise SelaggError(f"seeds={seeds!r} is not accepted: give a non-empty sequence of whole numbers, e.g. (0, 1, 2).")
+        raise SelaggError(f"seeds={seeds!r} is not accepted: give a non-empty sequence of whole numbers, "
+                          "e.g. (0, 1, 2).")
     return tuple(whole_number(s, "a seed", 0, "seeds are whole numbers such as (0, 1, 2)") for s in seeds)
 
 
 def check_probe_inputs(recipe: ProbeRecipe, train: TokenSet, val: TokenSet, test: TokenSet | None) -> None:
-    """Refuse splits that cannot train or score a probe: a wrong recipe type, too few images, mismatched or non-finite tokens."""
+    """Refuse splits that cannot train or score a probe: too few images, mismatched or non-finite tokens."""
     if not isinstance(recipe, ProbeRecipe):
         raise SelaggError(f"recipe must be a ProbeRecipe, got a {type(recipe).__name__}; build one with "
                           "probing.ProbeRecipe(epochs=..., lrs=(...)).")

@@ -171,7 +171,8 @@ def test_a_manifest_whose_model_config_is_wrong_is_refused(checkpoint, config):
         model_from_checkpoint(checkpoint)
 
 
-@pytest.mark.parametrize("prefix, grid, words", [(-1, (2, 2), "num_prefix_tokens=-1"), (0, (2, 2), "num_prefix_tokens=0"),
+@pytest.mark.parametrize("prefix, grid, words", [(-1, (2, 2), "num_prefix_tokens=-1"),
+                                                 (0, (2, 2), "num_prefix_tokens=0"),
                                                  (1, (3, 3), "does not hold the 4 patch tokens")])
 def test_a_token_set_whose_layout_disagrees_with_its_tokens_is_refused(prefix, grid, words):
     with pytest.raises(SelaggError, match=words):
