@@ -229,6 +229,7 @@ def _check_images(images) -> None:
 def attention_maps(model: VisionTransformer, images: torch.Tensor) -> AttentionMaps:
     """Attention probabilities of every block and head for one batch of images."""
     _check_images(images)
+    check_finite_items(images, "Image", 0, "remove or repair that image before measuring attention")
     layout, depth = token_layout(model), len(model.blocks)
     maps: dict[int, torch.Tensor] = {}
     dev = _model_device(model)

@@ -583,6 +583,7 @@ def train_probe(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet |
 @torch.no_grad()
 def probe_accuracy(head: ProbeHead, tokens: TokenSet, batch_size: int = 1024) -> float:
     """Accuracy of one trained probe head on a token set."""
+    check_finite_tokens(tokens, "scored")
     head.eval()
     device = next(head.parameters()).device
     correct = 0

@@ -235,3 +235,19 @@ def test_empty_datasets_and_bad_batch_sizes_are_refused(cache, data):
         feat.cached_tokens("tiny-random", torch.utils.data.Subset(data, []), progress=False)
     with pytest.raises(SelaggError, match="batch_size=0"):
         feat.cached_tokens("tiny-random", data, batch_size=0, progress=False)
+
+
+def test_an_image_folder_is_keyed_by_its_files(tmp_path):
+    from PIL import Image
+
+    from selagg_utils.data import image_folder
+
+    for cls in ("a", "b"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 100, 0)).save(tmp_path / "val" / cls / f"{i}.png")
+    before = feat.dataset_identity(image_folder(tmp_path, "test", image_size=32))
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "val" / "b" / "1.png")  # same name, new content
+    after = feat.dataset_identity(image_folder(tmp_path, "test", image_size=32))
+    assert before["data"]["n_images"] == 4 and before["data"] != after["data"]
+    assert "Resize" in before["transform"] or "resize" in before["transform"].lower()

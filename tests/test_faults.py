@@ -177,3 +177,12 @@ def test_a_manifest_whose_model_config_is_wrong_is_refused(checkpoint, config):
 def test_a_token_set_whose_layout_disagrees_with_its_tokens_is_refused(prefix, grid, words):
     with pytest.raises(SelaggError, match=words):
         TokenSet(torch.zeros(4, 5, 8), torch.zeros(4, dtype=torch.long), prefix, True, grid)
+
+
+def test_a_nan_image_is_named_by_attention_maps(tiny):
+    from selagg_utils.attention import attention_maps
+
+    images = torch.rand(3, 1, 32, 32)
+    images[2, 0, 0, 0] = float("inf")
+    with pytest.raises(SelaggError, match="Image 2 contains NaN or infinite"):
+        attention_maps(tiny, images)
