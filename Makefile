@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Offline, headless, quiet: set before anything imports timm or matplotlib.
-RUNENV := HF_HUB_OFFLINE=1 MPLBACKEND=Agg TQDM_DISABLE=1 PYTHONHASHSEED=0
+# Offline and quiet: set before anything imports timm or tqdm. Package tests draw with Agg; a kernel
+# that runs a chapter keeps Jupyter's inline backend, so that its figures become outputs (and pages).
+QUIET   := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONHASHSEED=0
+RUNENV  := $(QUIET) MPLBACKEND=Agg
+KERNEL  := $(QUIET) MPLBACKEND=module://matplotlib_inline.backend_inline
+CACHE   := _build/.jupyter_cache
+HTML    := _build/html
 
-.PHONY: venv book test test-package test-notebooks checkpoints evidence clean
+.PHONY: venv book test test-package test-notebooks test-pages checkpoints evidence clean
 
 venv: $(STAMP)
 
@@ -18,21 +23,26 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 	touch $(STAMP)
 
-## The executed HTML book in _build/html (tiny scale, offline).
+## The executed HTML book in _build/html (tiny scale, offline): every chapter runs afresh.
 book: $(STAMP)
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg PYTHONHASHSEED=0 $(BIN)/jupyter-book build . -W -n --keep-going
-	@echo "Open _build/html/index.html"
+	rm -rf $(CACHE)
+	$(KERNEL) $(BIN)/jupyter-book build . --all -W -n --keep-going
+	@echo "Open $(HTML)/index.html"
 
-## The whole test suite: package tests and the book build check, then every notebook.
-test: $(STAMP)
-	$(RUNENV) $(BIN)/python -m pytest tests -q
-	$(RUNENV) $(BIN)/python -m pytest --nbval-lax --durations=0 -q notebooks
+## The whole suite: package tests; every chapter once under nbval; the book built from that very run;
+## its pages checked as HTML and in headless Chromium (screenshots in _build/screenshots).
+test: test-package test-notebooks test-pages
 
 test-package: $(STAMP)
 	$(RUNENV) $(BIN)/python -m pytest tests -q
 
 test-notebooks: $(STAMP)
-	$(RUNENV) $(BIN)/python -m pytest --nbval-lax --durations=0 -q notebooks
+	rm -rf $(CACHE)
+	$(KERNEL) $(BIN)/python -m pytest --nbval-lax --durations=0 -q notebooks
+
+test-pages: $(STAMP)
+	$(KERNEL) $(BIN)/jupyter-book build . --all -W -n --keep-going
+	$(RUNENV) $(BIN)/python -m pytest tests/test_pages.py -q --book-html $(HTML)
 
 ## Retrain the shipped tiny backbones (under an hour on a 2-core CPU, minutes on a GPU).
 checkpoints: $(STAMP)

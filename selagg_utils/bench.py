@@ -826,28 +826,52 @@ TABLE_COLUMNS = (("step", "step", "{}"), ("batch", "batch_size", "{}"), ("prec",
                  ("speed-up", "speedup", "{:.2f}x"), ("vs", "versus", "{}"), ("status", "status", "{}"))
 
 
-def format_table(rows: list[BenchRow]) -> str:
-    """The rows as an aligned text table, with the device and what the memory column measures underneath."""
-    cells = [[title for title, _, _ in TABLE_COLUMNS]]
+def table_cells(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
+    """The column titles and the formatted cells of the rows ("-" where a row has no value)."""
+    cells = []
     for row in rows:
         values = []
         for _, attr, fmt in TABLE_COLUMNS:
             value = getattr(row, attr)
             values.append("-" if value is None or value == "" else fmt.format(value))
         cells.append(values)
+    return [title for title, _, _ in TABLE_COLUMNS], cells
+
+
+def table_notes(rows: list[BenchRow]) -> list[str]:
+    """The lines printed under a table: the device, what the memory column measures, each row's note."""
+    footer = sorted({f"device: {r.device}" for r in rows} | {f"MB: {r.memory_kind}" for r in rows if r.memory_kind})
+    footer.append("median ms: per call of the step (one batch, or one whole epoch for epoch rows)")
+    return footer + [f"{r.step}: {r.note}" for r in rows if r.note]
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """The rows as an aligned text table, with the device and what the memory column measures underneath."""
+    header, cells = table_cells(rows)
+    cells = [header, *cells]
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) if i in (0, 2, 12, 13) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in cells]
     lines.insert(1, "-" * len(lines[0]))
-    footer = sorted({f"device: {r.device}" for r in rows} | {f"MB: {r.memory_kind}" for r in rows if r.memory_kind})
-    footer.append("median ms: per call of the step (one batch, or one whole epoch for epoch rows)")
-    notes = [f"{r.step}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + footer + notes)
+    return "\n".join(lines + table_notes(rows))
 
 
 def show(rows: list[BenchRow]) -> None:
-    """Print the rows as a table."""
-    print(format_table(rows))
+    """Show the rows as a table: HTML in a notebook (columns without a value, or a status all "ok", left out)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(format_table(rows))
+        return
+    from .viz import Table, show_table
+
+    header, cells = table_cells(rows)
+    kept = [i for i in range(len(header)) if any(row[i] != "-" for row in cells)
+            and not (header[i] == "status" and all(row[i] == "ok" for row in cells))]
+    show_table(Table([header[i] for i in kept], [[row[i] for i in kept] for row in cells]))
+    print("\n".join(table_notes(rows)))
 
 
 def write_csv(rows: list[BenchRow], path: str | os.PathLike) -> Path:

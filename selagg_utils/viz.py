@@ -1,8 +1,12 @@
 """Figures for the book, and `show_source` to display package code inside a notebook."""
 from __future__ import annotations
 
+import base64
+import html
 import inspect
+import io
 
+import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -135,23 +139,54 @@ def attention_explorer_figure(images: torch.Tensor, maps, image: int = 0, block:
     return fig
 
 
-def attention_explorer(images: torch.Tensor, maps):
-    """An ipywidgets explorer of `AttentionMaps`: pick the image, block, head and query token."""
-    import ipywidgets as widgets
+def figure_png(fig: plt.Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes; the figure is closed, so a notebook does not also show it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
+
+def attention_explorer(images: torch.Tensor, maps):
+    """An ipywidgets explorer of `AttentionMaps`: pick the image, block, head and query token.
+
+    Its picture is an image widget redrawn on every change. Without a kernel (the rendered book, a
+    viewer without widgets) it shows as a picture of its current view.
+    """
     blocks, n_images, heads = maps.probs.shape[:3]
     queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid[0])
                                                  for c in range(maps.layout.grid[1])]
+    controls = {"image": widgets.IntSlider(0, 0, n_images - 1, description="image"),
+                "block": widgets.IntSlider(blocks, 1, blocks, description="block"),
+                "head": widgets.Dropdown(options=["mean", *range(1, heads + 1)], description="head"),
+                "query": widgets.Dropdown(options=[(str(q), q) for q in queries], description="query")}
+    picture = widgets.Image(format="png")
 
-    def show(image: int, block: int, head, query) -> None:
-        attention_explorer_figure(images, maps, image, block - 1, None if head == "mean" else head - 1, query)
-        plt.show()
+    def redraw(_=None) -> None:
+        c = {name: control.value for name, control in controls.items()}
+        picture.value = figure_png(attention_explorer_figure(images, maps, c["image"], c["block"] - 1,
+                                                             None if c["head"] == "mean" else c["head"] - 1,
+                                                             c["query"]))
 
-    return widgets.interactive(
-        show, image=widgets.IntSlider(0, 0, n_images - 1, description="image"),
-        block=widgets.IntSlider(blocks, 1, blocks, description="block"),
-        head=widgets.Dropdown(options=["mean", *range(1, heads + 1)], description="head"),
-        query=widgets.Dropdown(options=[(str(q), q) for q in queries], description="query"))
+    for control in controls.values():
+        control.observe(redraw, "value")
+    redraw()
+    return PictureBox([widgets.HBox(list(controls.values())[:2]), widgets.HBox(list(controls.values())[2:]),
+                        picture], picture)
+
+
+class PictureBox(widgets.VBox):
+    """A VBox that also offers its picture as image/png, which pages without a kernel show instead."""
+
+    def __init__(self, children: list, picture: widgets.Image):
+        super().__init__(children)
+        self.picture = picture
+
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        bundle["image/png"] = base64.b64encode(bytes(self.picture.value)).decode("ascii")
+        bundle["text/plain"] = "An interactive explorer: run the chapter in Jupyter or Colab to use its controls."
+        return bundle
 
 
 def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: float | None = None,
@@ -187,23 +222,69 @@ def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], masks: torc
     return fig
 
 
+class Table:
+    """A small table that shows as HTML in a notebook and in the book, and as Markdown text elsewhere."""
+
+    # Inline, so that Jupyter, Colab and the book all draw the same compact table; a wide table gets
+    # a smaller font, and only short cells refuse to wrap, so it fits the page where it can.
+    STYLE = {"table": "border-collapse: collapse; margin: 0.4em 0",
+             "th": "padding: 0.25em 0.5em; border-bottom: 1px solid #888; text-align: left; vertical-align: bottom",
+             "td": "padding: 0.2em 0.5em; text-align: left"}
+    SHORT = 14
+
+    def __init__(self, header: list[str], rows: list[list], title: str | None = None):
+        self.title = title
+        self.header = [str(h) for h in header]
+        self.rows = [[str(c) for c in row] for row in rows]
+        if any(len(row) != len(self.header) for row in self.rows):
+            raise ValueError(f"Every row needs {len(self.header)} cells, one per column of {self.header}.")
+
+    def _repr_html_(self) -> str:
+        def cell(tag: str, text: str) -> str:  # long snake_case names may break after "_"
+            keep = "; white-space: nowrap" if tag == "td" and len(text) <= self.SHORT else ""
+            return f'<{tag} style="{self.STYLE[tag]}{keep}">{html.escape(text).replace("_", "_<wbr>")}</{tag}>'
+
+        def row(tag: str, cells: list[str]) -> str:
+            return "<tr>" + "".join(cell(tag, c) for c in cells) + "</tr>"
+
+        size = "0.92em" if len(self.header) <= 8 else "0.8em"
+        caption = f'<caption style="text-align: left">{html.escape(self.title)}</caption>' if self.title else ""
+        return (f'<table class="selagg-table" style="{self.STYLE["table"]}; font-size: {size}">{caption}'
+                f'<thead>{row("th", self.header)}</thead><tbody>{"".join(row("td", r) for r in self.rows)}</tbody>'
+                "</table>")
+
+    def _repr_markdown_(self) -> str:
+        return (f"{self.title}\n\n" if self.title else "") + markdown_table(self.header, self.rows)
+
+    def __repr__(self) -> str:
+        return self._repr_markdown_()
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table (shown with IPython.display.Markdown, printed as text elsewhere)."""
+    """A Markdown table as text."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def show_table(header: list[str], rows: list[list]) -> None:
-    """Display a Markdown table in a notebook (plain text outside one)."""
-    text = markdown_table(header, rows)
+def statistics_table(stats, statistics: list[str], digits: int = 3) -> Table:
+    """One model's attention statistics (an AttentionStatistics) as a Table: a row per block, a column per statistic."""
+    names = [s for s in statistics if s in stats]
+    rows = [[b + 1, *(f"{stats[s][b]:.{digits}f}" for s in names)] for b in range(stats.depth)]
+    return Table(["block", *names], rows, title=f"{stats.name}: {stats.n_images} images, "
+                                                f"{stats.layout.num_patches} patches")
+
+
+def show_table(header: list[str] | Table, rows: list[list] | None = None) -> None:
+    """Display a table: HTML in a notebook and in the rendered book, Markdown text outside IPython."""
+    table = header if isinstance(header, Table) else Table(header, rows)
     try:
         from IPython import get_ipython
-        from IPython.display import Markdown, display
+        from IPython.display import display
 
         if get_ipython() is not None:
-            display(Markdown(text))
+            display(table)
             return
     except ImportError:
         pass
-    print(text)
+    print(table)

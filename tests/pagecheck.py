@@ -1,0 +1,140 @@
+"""Checks of the built book's pages: what a reader would see as broken, one sentence per defect.
+
+`html_defects` reads a page's HTML (cheap, no browser); `browser_defects` reads what Chromium
+rendered (images decoded, formulas typeset). Both return sentences that name the chapter.
+"""
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+# A header row, then a separator row: |---|---| (or |—|—| once smart quotes turned --- into a dash).
+RAW_TABLE = re.compile(r"^\s*\|.*\|\s*\n\s*\|(?:\s*:?(?:-{3,}|[—–]+):?\s*\|)+\s*$", re.M)
+PROGRESS = re.compile(r"\d+%\|[^\n]*\||\d[\d.]*\s?(?:it/s|s/it)\b")
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\w*(?:Error|Exception): ", re.M)
+RAW_MATH = re.compile(r"\$[^$\n]*\\[A-Za-z]+[^$\n]*\$|\\\(|\\\)|\\\[|\\\]")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+EXTERNAL_ASSET = re.compile(r"""<(?:script|link)\b[^>]*(?:src|href)=["'](?:https?:)?//[^"']+\.(?:js|css)\b""", re.I)
+
+
+class _Visible(HTMLParser):
+    """The text a reader sees, less code listings and formulas; images with their sources."""
+
+    SKIPPED = {"script", "style", "pre", "code", "head"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.output_text: list[str] = []
+        self.images: list[str] = []
+        self._skip: list[str] = []
+        self._output_depth: list[int] = []
+        self._depth = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "img":
+            self.images.append(a.get("src") or "")
+        if tag in ("br", "img", "meta", "link", "input", "hr"):
+            return
+        self._depth += 1
+        if tag in self.SKIPPED or "math" in classes:
+            self._skip.append(tag)
+        elif "cell_output" in classes:
+            self._output_depth.append(self._depth)
+
+    def handle_endtag(self, tag):
+        if tag in ("br", "img", "meta", "link", "input", "hr"):
+            return
+        if self._output_depth and self._output_depth[-1] == self._depth:
+            self._output_depth.pop()
+        if self._skip and self._skip[-1] == tag:
+            self._skip.pop()
+        self._depth -= 1
+
+    def handle_data(self, data):
+        if self._output_depth:
+            self.output_text.append(data)  # outputs: <pre> included (tracebacks, printed tables)
+        if not self._skip:
+            self.text.append(data)
+
+
+def _outputs_text(html: str) -> str:
+    """Text inside cell outputs, <pre> blocks included."""
+    parser = _Visible()
+    parser.SKIPPED = {"script", "style", "head"}
+    parser.feed(html)
+    return "".join(parser.output_text)
+
+
+def html_defects(chapter: str, html: str, page: Path | None = None) -> list[str]:
+    """Defects readable from a page's HTML: missing figures, raw tables, progress bars, tracebacks, raw math."""
+    parser = _Visible()
+    parser.feed(html)
+    visible, outputs = "".join(parser.text), _outputs_text(html)
+    defects = []
+    figures = [src for src in parser.images if "_images/" in src]
+    if not figures:
+        defects.append(f"{chapter}: the page has no figure (no <img> from _images/); is the kernel's inline "
+                       "backend silenced (MPLBACKEND=Agg)?")
+    if page is not None:
+        for src in figures:
+            target = (page.parent / src.split("#")[0].split("?")[0]).resolve()
+            if not target.is_file() or target.stat().st_size == 0:
+                defects.append(f"{chapter}: the figure {src} is missing or empty in the built site.")
+    for where, text in (("text", visible), ("output", outputs)):
+        if m := RAW_TABLE.search(text):
+            defects.append(f"{chapter}: a Markdown table is shown raw in the {where} ({m.group(0).strip()[:60]!r}).")
+            break
+    if m := PROGRESS.search(visible + "\n" + outputs):
+        defects.append(f"{chapter}: a progress bar was saved into the page ({m.group(0)[:40]!r}).")
+    if WIDGET_VIEW in html:
+        defects.append(f"{chapter}: a widget view is embedded (a blank gap or empty controls without a kernel).")
+    if m := TRACEBACK.search(outputs):
+        defects.append(f"{chapter}: an error or traceback is shown in an output ({m.group(0)[:60]!r}).")
+    if m := RAW_MATH.search(visible):
+        defects.append(f"{chapter}: a formula is left as raw LaTeX in the text ({m.group(0)[:40]!r}).")
+    if m := EXTERNAL_ASSET.search(html):
+        defects.append(f"{chapter}: the page loads a script or style sheet from the network ({m.group(0)[:80]!r}).")
+    return defects
+
+
+# Run in the page by the browser test: what the reader's browser made of it.
+BROWSER_PROBE = r"""
+const done = arguments[arguments.length - 1];
+const ready = (window.MathJax && MathJax.startup && MathJax.startup.promise) || Promise.resolve();
+ready.then(() => {
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src);
+  const figures = [...document.images].filter(i => i.src.includes('_images/')).length;
+  const mathSpans = [...document.querySelectorAll('.math')];
+  const rawMath = mathSpans.filter(e => !e.querySelector('mjx-container') && /\\[(\[]/.test(e.textContent))
+                           .map(e => e.textContent.slice(0, 40));
+  done({broken, figures, rawMath, math: mathSpans.length, typeset: document.querySelectorAll('mjx-container').length,
+        mathjax: !!window.MathJax, text: document.body.innerText});
+}).catch(e => done({error: String(e)}));
+"""
+
+
+def browser_defects(chapter: str, seen: dict) -> list[str]:
+    """Defects in what the browser rendered: undecoded images, formulas MathJax did not typeset, raw text."""
+    if "error" in seen:
+        return [f"{chapter}: the page's MathJax failed in the browser ({seen['error'][:80]})."]
+    defects = []
+    if seen["broken"]:
+        defects.append(f"{chapter}: {len(seen['broken'])} image(s) did not load, e.g. {seen['broken'][0]}.")
+    if not seen["figures"]:
+        defects.append(f"{chapter}: the browser shows no figure on the page.")
+    if seen["math"] and not seen["mathjax"]:
+        defects.append(f"{chapter}: MathJax did not load, so every formula shows as raw LaTeX.")
+    elif seen["rawMath"]:
+        defects.append(f"{chapter}: {len(seen['rawMath'])} formula(s) left as raw LaTeX, e.g. {seen['rawMath'][0]!r}.")
+    text = seen["text"]
+    if m := RAW_TABLE.search(text):
+        defects.append(f"{chapter}: a Markdown table is shown raw ({m.group(0).strip()[:60]!r}).")
+    if m := PROGRESS.search(text):
+        defects.append(f"{chapter}: a progress bar is visible ({m.group(0)[:40]!r}).")
+    if m := TRACEBACK.search(text):
+        defects.append(f"{chapter}: an error or traceback is visible ({m.group(0)[:60]!r}).")
+    return defects

@@ -1,0 +1,97 @@
+"""The executed book as a reader gets it: every chapter page checked as HTML and in headless Chromium.
+
+Needs `--book-html _build/html` (`make test` builds the book from its own nbval run and passes it).
+Full-page screenshots land in _build/screenshots/. Chromium comes from Debian's `chromium` and
+`chromium-driver` packages (.ci/run installs them); selenium from requirements-dev.txt.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pagecheck import BROWSER_PROBE, browser_defects, html_defects
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+MIN_FIGURES_IN_BOOK = 30
+
+
+@pytest.fixture(scope="session")
+def html_dir(request) -> Path:
+    option = request.config.getoption("--book-html")
+    if option is None:
+        pytest.skip("no built book given: run `make test` (or pass --book-html _build/html after `make book`)")
+    folder = Path(option).resolve()
+    if not (folder / "index.html").is_file():
+        pytest.fail(f"{folder} holds no built book (no index.html); build it with `make book` first.")
+    return folder
+
+
+def page_of(html_dir: Path, chapter: str) -> Path:
+    page = html_dir / "notebooks" / f"{chapter}.html"
+    assert page.is_file(), f"{chapter}: no page in the built book ({page} is missing)."
+    return page
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_page_html_shows_what_the_chapter_computed(html_dir, chapter):
+    page = page_of(html_dir, chapter)
+    defects = html_defects(chapter, page.read_text(errors="replace"), page)
+    assert not defects, " ".join(defects)
+
+
+def test_book_has_enough_figures_and_its_own_mathjax(html_dir):
+    import re
+
+    counts = {c: len(re.findall(r'<img[^>]+src="[^"]*_images/', page_of(html_dir, c).read_text(errors="replace")))
+              for c in CHAPTERS}
+    print("figures per chapter:", counts, "total:", sum(counts.values()))
+    assert sum(counts.values()) >= MIN_FIGURES_IN_BOOK, f"the book has {sum(counts.values())} figures: {counts}"
+    assert (html_dir / "_static" / "mathjax" / "tex-svg.js").is_file(), "the book ships no MathJax of its own."
+
+
+def _browser():
+    """A headless Chromium driven by selenium, or a skip that says how to install what is missing."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed: `pip install -r requirements-dev.txt`.")
+    if not (chromium and driver):
+        pytest.skip("no Chromium here: install it with `apt-get install chromium chromium-driver` "
+                    "(.ci/run does) to check the pages in a real browser.")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1280,900", "--allow-file-access-from-files"):
+        options.add_argument(flag)
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch a driver
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = _browser()
+    driver.set_script_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_page_in_chromium_loads_every_image_and_typesets_every_formula(html_dir, browser, chapter):
+    page = page_of(html_dir, chapter)
+    browser.get(page.as_uri())  # file://, as on a workshop laptop without a server or network
+    seen = browser.execute_async_script(BROWSER_PROBE)
+    shots = html_dir.parent / "screenshots"
+    shots.mkdir(exist_ok=True)
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, min(max(height, 900), 30000))
+    browser.save_screenshot(str(shots / f"{chapter}.png"))
+    browser.set_window_size(1280, 900)
+    defects = browser_defects(chapter, seen)
+    assert not defects, " ".join(defects)

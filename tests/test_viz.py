@@ -1,0 +1,75 @@
+"""What the book's figures and tables give a page without a kernel."""
+import base64
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from selagg_utils import attention, models, viz
+
+
+def test_table_is_escaped_html_with_one_cell_per_column():
+    table = viz.Table(["model", "acc <%>"], [["mae", 0.5], ["a&b", 1]])
+    html = table._repr_html_()
+    assert html.count("<tr>") == 3 and html.count("<td ") == 4 and html.count("nowrap") == 4
+    assert "acc &lt;%&gt;" in html and "a&amp;b" in html
+    assert repr(table).splitlines()[1] == "|---|---|"
+
+
+def test_table_refuses_a_row_of_the_wrong_length():
+    with pytest.raises(ValueError, match="2 cells"):
+        viz.Table(["a", "b"], [[1, 2, 3]])
+
+
+def test_figure_png_is_a_png_and_closes_the_figure():
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    png = viz.figure_png(fig)
+    assert png.startswith(b"\x89PNG") and not plt.fignum_exists(fig.number)
+
+
+@pytest.fixture(scope="module")
+def explorer():
+    model = models.load_backbone("tiny-mae")
+    images = torch.rand(2, 1, 32, 32)
+    return viz.attention_explorer(images, attention.attention_maps(model, images))
+
+
+def test_explorer_offers_its_current_view_as_a_picture_beside_the_widget(explorer):
+    bundle = explorer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]) == bytes(explorer.picture.value)
+    assert bytes(explorer.picture.value).startswith(b"\x89PNG")
+    assert "run the chapter" in bundle["text/plain"]
+
+
+def test_explorer_redraws_its_picture_when_a_control_moves(explorer):
+    before = bytes(explorer.picture.value)
+    explorer.children[0].children[0].value = 1          # the image slider
+    assert bytes(explorer.picture.value) != before
+    assert not plt.get_fignums()                        # every drawn figure was closed
+
+
+def test_statistics_table_has_a_row_per_block_and_only_measured_columns(explorer):
+    model = models.load_backbone("tiny-jea")
+    stats = attention.attention_statistics(model, [torch.rand(3, 1, 32, 32)], name="tiny-jea", progress=False)
+    table = viz.statistics_table(stats, ["cls_self", "cls_object_share"])  # no masks: no object share
+    assert table.header == ["block", "cls_self"] and len(table.rows) == len(model.blocks)
+    assert table.rows[-1] == [str(len(model.blocks)), f"{stats['cls_self'][-1]:.3f}"]
+    assert "<caption" in table._repr_html_() and "tiny-jea: 3 images, 64 patches" in repr(table)
+
+
+def test_bench_table_in_a_notebook_leaves_out_columns_without_values(monkeypatch, capsys):
+    import IPython
+
+    from selagg_utils import bench
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(viz, "show_table", shown.append)
+    rows = [bench.BenchRow(step="eager", device="cpu", model="m", batch_size=8, precision="fp32", median_ms=2.0)]
+    bench.show(rows)
+    (table,) = shown
+    assert table.header == ["step", "batch", "prec", "median ms"]
+    assert table.rows == [["eager", "8", "fp32", "2.0"]]
+    assert "device: cpu" in capsys.readouterr().out
