@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
@@ -396,9 +396,10 @@ def stored(path: Path, entry: TokenSet) -> None:
     """Save an entry; when the disk refuses, say so in one line and keep going (the tokens are still returned)."""
     try:
         save_entry(path, entry)
-    except OSError as err:
-        notice(f"Could not store the cache entry {path} ({err.strerror or err}); the tokens are used now but will "
-               "be extracted again next time.")
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        notice(f"Could not store the cache entry {path} ({reason}); the tokens are used now but will be extracted "
+               "again next time.")
 
 
 def cached_blocks(backbone: str | os.PathLike, dataset: Dataset, blocks: list[int | None] | None = None,

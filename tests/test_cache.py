@@ -200,14 +200,33 @@ def test_a_read_only_folder_is_refused_before_extraction(tmp_path, data, monkeyp
         feat.cached_tokens("tiny-random", data, directory=folder, progress=False)
 
 
-def test_a_disk_that_refuses_the_write_keeps_the_tokens(cache, data, monkeypatch, capsys):
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+@pytest.fixture
+def file_size_limit():
+    """A real limit on the size of any file this process writes (RLIMIT_FSIZE), as a full disk would set."""
+    resource = pytest.importorskip("resource")
+    signal = pytest.importorskip("signal")
+    if not hasattr(signal, "SIGXFSZ"):
+        pytest.skip("no SIGXFSZ on this system")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes beyond the limit then fail with EFBIG
 
-    monkeypatch.setattr(feat, "save_file", disk_full)
-    got = feat.cached_tokens("tiny-random", data, progress=False)
+    def limit(size: int | None) -> None:
+        """Files may grow to `size` bytes; None restores the limit the test started with."""
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft if size is None else size, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_disk_that_refuses_the_write_keeps_the_tokens(cache, data, file_size_limit, capsys):
+    file_size_limit(50_000)  # the entry needs about 200 kB
+    try:
+        got = feat.cached_tokens("tiny-random", data, progress=False)
+    finally:
+        file_size_limit(None)  # back to the usual limit before anything else is written
     assert torch.equal(got.labels, data.labels) and got.tokens.shape == (12, 65, 128)
-    assert "No space left on device" in capsys.readouterr().err and list(cache.iterdir()) == []
+    assert "File too large" in capsys.readouterr().err and list(cache.iterdir()) == []
 
 
 def test_orphaned_temporary_files_are_removed_and_live_ones_kept(cache, data):
