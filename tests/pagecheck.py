@@ -10,7 +10,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 # A header row, then a separator row: |---|---| (or |—|—| once smart quotes turned --- into a dash).
-RAW_TABLE = re.compile(r"^\s*\|.*\|\s*\n\s*\|(?:\s*:?(?:-{3,}|[—–]+):?\s*\|)+\s*$", re.M)
+_RULE = r"\s*:?(?:-{3,}|[—–]+):?\s*\|"
+# ... or two separator cells in a row, as a browser shows a raw table folded into one paragraph.
+RAW_TABLE = re.compile(rf"^\s*\|.*\|\s*\n\s*\|(?:{_RULE})+\s*$|\|{_RULE}{_RULE}", re.M)
 PROGRESS = re.compile(r"\d+%\|[^\n]*\||\d[\d.]*\s?(?:it/s|s/it)\b")
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\w*(?:Error|Exception): ", re.M)
 RAW_MATH = re.compile(r"\$[^$\n]*\\[A-Za-z]+[^$\n]*\$|\\\(|\\\)|\\\[|\\\]")

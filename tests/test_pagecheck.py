@@ -57,6 +57,7 @@ SEEN = {"broken": [], "figures": 3, "rawMath": [], "math": 4, "typeset": 4, "mat
     ({"mathjax": False}, "MathJax did not load"),
     ({"rawMath": ["\\(H(p)\\)"]}, "raw LaTeX"),
     ({"text": "| a | b |\n|---|---|\n| 1 | 2 |"}, "Markdown table"),
+    ({"text": "| a | b | |---|---| | 1 | 2 |"}, "Markdown table"),
     ({"text": "training probes: 100%|██████████| 108/108 [00:04<00:00, 26.1it/s]"}, "progress bar"),
     ({"error": "TypeError: x"}, "MathJax failed"),
 ])

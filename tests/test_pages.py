@@ -55,7 +55,8 @@ def test_book_has_enough_figures_and_its_own_mathjax(html_dir):
 
 def _browser():
     """A headless Chromium driven by selenium, or a skip that says how to install what is missing."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
