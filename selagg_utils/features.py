@@ -12,8 +12,8 @@ is extracted again, with one line saying so; an intact entry whose stored key di
 request is refused with a sentence naming the file. The folder is checked for being a writable
 folder before any extraction; files are written to a temporary name and renamed, so an extraction
 killed at any moment leaves nothing a later run would load, and its temporary file is removed by
-the next run. Several processes filling one entry at once each write a complete file, and the last
-rename wins.
+the next run. Processes filling one entry at once take turns through a lock file beside the entry:
+one extracts, the others wait and then load its entry.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,11 @@ from .checkpoints import (_atomic_write, read_manifest, remove_orphaned_temporar
 from .checks import check_finite_items, notice, tensors_digest, update_digest, whole_number
 from .errors import SelaggError
 from .progress import progress_bar
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent fills only repeat the work
+    fcntl = None
 
 CACHE_ENV = "SELAGG_CACHE"
 CACHE_FORMAT = 2
@@ -381,14 +388,15 @@ def load_entry(path: Path, key: dict) -> TokenSet:
                     tuple(json.loads(meta["grid_size"])), key)
 
 
-def loaded_entry(path: Path, key: dict) -> TokenSet | None:
-    """The entry at `path` if it is there and intact; None (with one line) when it must be extracted again."""
+def loaded_entry(path: Path, key: dict, quiet: bool = False) -> TokenSet | None:
+    """The entry at `path` if it is there and intact; None (with one line unless quiet) when it must be extracted."""
     if not path.is_file():
         return None
     try:
         return load_entry(path, key)
     except DamagedEntry as err:
-        notice(f"The cache entry {path} is damaged ({err}); extracting its tokens again.")
+        if not quiet:
+            notice(f"The cache entry {path} is damaged ({err}); extracting its tokens again.")
         return None
 
 
@@ -400,6 +408,81 @@ def stored(path: Path, entry: TokenSet) -> None:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         notice(f"Could not store the cache entry {path} ({reason}); the tokens are used now but will be extracted "
                "again next time.")
+
+
+def _lock_file(path: Path) -> Path:
+    """The lock file of an entry: `.<entry name>.lock` beside it."""
+    return path.with_name(f".{path.name}.lock")
+
+
+def _take_lock(lock: Path, wait: bool = True) -> int | None:
+    """An open descriptor holding an exclusive flock on `lock` (None when busy and wait=False).
+
+    A holder deletes its lock file before releasing it, so after the lock is taken the file is
+    checked to still be the one locked; if not, the lock is taken again on the new file.
+    """
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)
+
+
+def _release_lock(lock: Path, fd: int) -> None:
+    """Delete the lock file, then release the lock."""
+    try:
+        os.unlink(lock)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+@contextmanager
+def entries_locked(paths: list[Path]) -> Iterator[None]:
+    """Hold each entry's lock while it is filled, so that other processes wait and then load it.
+
+    Locks are taken in one order (no deadlock) and released by the kernel if the process dies.
+    Where the file system offers no locks, concurrent fills stay correct (each writes a whole file
+    and renames it) and only repeat the work.
+    """
+    held: list[tuple[Path, int]] = []
+    try:
+        if fcntl is not None:
+            for path in sorted(paths):
+                lock = _lock_file(path)
+                try:
+                    held.append((lock, _take_lock(lock)))
+                except OSError:  # no locks on this file system
+                    break
+        yield
+    finally:
+        for lock, fd in reversed(held):
+            _release_lock(lock, fd)
+
+
+def remove_stale_locks(folder: Path) -> None:
+    """Delete lock files no process holds (left by a process that was killed)."""
+    if fcntl is None:
+        return
+    for lock in folder.glob(".*.safetensors.lock"):
+        try:
+            fd = _take_lock(lock, wait=False)
+        except OSError:
+            continue
+        if fd is not None:
+            _release_lock(lock, fd)
 
 
 def cached_blocks(backbone: str | os.PathLike, dataset: Dataset, blocks: list[int | None] | None = None,
@@ -421,14 +504,23 @@ def cached_blocks(backbone: str | os.PathLike, dataset: Dataset, blocks: list[in
     found = {i: entry for i, entry in enumerate(loaded_entry(p, k) for p, k in zip(paths, keys)) if entry is not None}
     missing = [i for i in range(len(blocks)) if i not in found]
     if missing:
-        remove_orphaned_temporaries(writable_cache_dir(directory))  # before the work, not after it
-        model = model if model is not None else load_backbone(backbone, device=device)
-        tokens, labels = extract_blocks(model, dataset, [blocks[i] for i in missing], batch_size, device, norm,
-                                        progress)
-        info = (num_prefix_tokens(model), has_cls_token(model), tuple(patch_grid(model)))
-        for i, t in zip(missing, tokens):
-            found[i] = TokenSet(t, labels, *info, keys[i])
-            stored(paths[i], found[i])
+        folder = writable_cache_dir(directory)  # before the work, not after it
+        remove_orphaned_temporaries(folder)
+        remove_stale_locks(folder)
+        with entries_locked([paths[i] for i in missing]):
+            for i in missing:  # another process may have filled them while this one waited
+                entry = loaded_entry(paths[i], keys[i], quiet=True)
+                if entry is not None:
+                    found[i] = entry
+            missing = [i for i in missing if i not in found]
+            if missing:
+                model = model if model is not None else load_backbone(backbone, device=device)
+                tokens, labels = extract_blocks(model, dataset, [blocks[i] for i in missing], batch_size, device,
+                                                norm, progress)
+                info = (num_prefix_tokens(model), has_cls_token(model), tuple(patch_grid(model)))
+                for i, t in zip(missing, tokens):
+                    found[i] = TokenSet(t, labels, *info, keys[i])
+                    stored(paths[i], found[i])
     return [found[i] for i in range(len(blocks))]
 
 

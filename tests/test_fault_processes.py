@@ -1,5 +1,6 @@
 """Real faults in real processes: kill -9 in the middle of an extraction and of a write, three processes
-filling one cache entry at once, and bit-identical probes from two fresh processes."""
+filling one cache entry at once (one extracts, the others wait for its entry), and bit-identical probes
+from fresh processes."""
 import os
 import signal
 import subprocess
@@ -56,11 +57,16 @@ feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
 """
 
 WRITER = """
+real_extract, extractions = feat.extract_blocks, []
+def counted(*args, **kwargs):
+    extractions.append(1)
+    return real_extract(*args, **kwargs)
+feat.extract_blocks = counted
 Path(os.environ["MARKERS"], f"ready-{os.getpid()}").touch()
 while not Path(os.environ["MARKERS"], "go").exists():
     time.sleep(0.01)
 tokens = feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
-print(hashlib.sha256(tokens.tokens.numpy().tobytes()).hexdigest())
+print(hashlib.sha256(tokens.tokens.numpy().tobytes()).hexdigest(), len(extractions))
 """
 
 PROBE = """
@@ -131,10 +137,12 @@ def killed(tmp_path_factory):
 def test_kill_in_the_middle_of_extraction_leaves_nothing_and_the_next_run_is_right(killed, expected, monkeypatch):
     caches, _ = killed
     cache = caches["extracting"]
-    assert list(cache.iterdir()) == []  # not even a temporary file: the write had not begun
+    assert [p.suffix for p in cache.iterdir()] == [".lock"]  # the dead process's lock; no temporary file
     monkeypatch.setenv(feat.CACHE_ENV, str(cache))
     data, tokens = expected
-    assert torch.equal(feat.cached_tokens("tiny-random", data, progress=False).tokens, tokens)
+    got = feat.cached_tokens("tiny-random", data, progress=False)  # the kernel released the lock
+    assert torch.equal(got.tokens, tokens)
+    assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]
 
 
 def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(killed, expected, monkeypatch,
@@ -144,6 +152,7 @@ def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(k
     orphans = list(cache.glob(".*.tmp"))
     assert len(orphans) == 1 and f"-{pids['writing']}." in orphans[0].name and orphans[0].stat().st_size > 0
     assert list(cache.glob("*.safetensors")) == []  # nothing a run could load
+    assert len(list(cache.glob(".*.lock"))) == 1
     monkeypatch.setenv(feat.CACHE_ENV, str(cache))
     data, tokens = expected
     got = feat.cached_tokens("tiny-random", data, progress=False)
@@ -171,6 +180,7 @@ def test_three_processes_filling_one_entry_at_once(three_writers, expected, monk
     cache, outputs = three_writers
     data, tokens = expected
     assert len({out[0] for out in outputs}) == 1  # every writer got the same tokens
+    assert sorted(int(out[1]) for out in outputs) == [0, 0, 1]  # one extracted, two waited and loaded
     monkeypatch.setenv(feat.CACHE_ENV, str(cache))
     monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("the entry was not usable"))
     got = feat.cached_tokens("tiny-random", data, progress=False)
@@ -180,5 +190,5 @@ def test_three_processes_filling_one_entry_at_once(three_writers, expected, monk
 
 def test_the_same_seed_gives_bit_identical_probes_in_fresh_processes(three_writers):
     _, outputs = three_writers
-    probes = {tuple(out[1:]) for out in outputs}  # (thread count, digest of accuracies, losses and weights)
+    probes = {tuple(out[2:]) for out in outputs}  # (thread count, digest of accuracies, losses and weights)
     assert len(probes) == 1 and len(next(iter(probes))[1]) == 64
