@@ -254,7 +254,7 @@ def content_identity(dataset: Dataset) -> dict:
     if isinstance(dataset, torch.utils.data.Subset):
         indices = [int(i) for i in dataset.indices]
         return {"subset_of": content_identity(dataset.dataset), "n_images": len(indices),
-                "indices": hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]}
+                "indices_sha256": hashlib.sha256(json.dumps(indices).encode()).hexdigest()}
     key = getattr(dataset, "key", None)
     if isinstance(key, dict):  # a recipe; the digest of its tensors guards against changed or hand-built data
         tensors = {n: getattr(dataset, n) for n in ("images", "labels")
@@ -282,9 +282,15 @@ def items_digest(dataset: Dataset) -> str:
     """Hex sha256 of every item a dataset returns (one pass over its data, no model)."""
     digest = hashlib.sha256()
     for i in range(len(dataset)):
-        for j, part in enumerate(dataset[i]):
+        item = dataset[i]
+        for j, part in enumerate(item if isinstance(item, (tuple, list)) else (item,)):
             if isinstance(part, torch.Tensor):
                 update_digest(digest, f"{i}.{j}", part)
+            elif hasattr(part, "tobytes"):  # numpy arrays and PIL images: their pixels, not their address
+                layout = (getattr(part, "shape", getattr(part, "size", None)), getattr(part, "dtype", None),
+                          getattr(part, "mode", None))
+                digest.update(f"{i}.{j}|{type(part).__name__}|{layout}|".encode())
+                digest.update(part.tobytes())
             else:
                 digest.update(f"{i}.{j}|{part!r}|".encode())
     return digest.hexdigest()
