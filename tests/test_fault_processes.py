@@ -126,11 +126,13 @@ def killed(tmp_path_factory):
     caches = {"extracting": root / "cache-extracting", "writing": root / "cache-writing"}
     procs = {"extracting": start(STALL_IN_EXTRACTION, caches["extracting"], markers),
              "writing": start(STALL_IN_WRITE, caches["writing"], markers)}
-    wait_for([markers / name for name in procs], list(procs.values()))
-    for proc in procs.values():
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()  # reaped: its process id is free again
-        proc.stdout.close(), proc.stderr.close()
+    try:
+        wait_for([markers / name for name in procs], list(procs.values()))
+    finally:  # the fault itself, and the cleanup should the wait fail
+        for proc in procs.values():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()  # reaped: its process id is free again
+            proc.stdout.close(), proc.stderr.close()
     return caches, {name: proc.pid for name, proc in procs.items()}
 
 
@@ -169,9 +171,15 @@ def three_writers(tmp_path_factory):
     markers, cache = root / "markers", root / "cache"
     markers.mkdir()
     procs = [start(WRITER + PROBE, cache, markers) for _ in range(3)]
-    wait_for([markers / f"ready-{p.pid}" for p in procs], procs)
-    (markers / "go").touch()
-    outputs = [p.communicate(timeout=240) for p in procs]
+    try:
+        wait_for([markers / f"ready-{p.pid}" for p in procs], procs)
+        (markers / "go").touch()
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     return cache, [out.split() for out, _ in outputs]
 
