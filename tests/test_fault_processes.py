@@ -19,13 +19,13 @@ from selagg_utils.models import load_backbone
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 48
 
-PREAMBLE = f"""
+PREAMBLE = """
 import os, sys, time, hashlib
 from pathlib import Path
 import torch
 from selagg_utils import features as feat
-from selagg_utils.data import load_dataset
-data = load_dataset("cluttered-digits", "val", n_images={N_IMAGES}, seed=0)
+blob = torch.load(os.environ["DATA"])  # the parent's images: no dataset to render in every child
+data = torch.utils.data.TensorDataset(blob["images"], blob["labels"])
 def signal_and_wait(name):
     Path(os.environ["MARKERS"], name).touch()
     time.sleep(600)
@@ -89,10 +89,11 @@ print(torch.get_num_threads(), digest.hexdigest())
 """
 
 
-def start(code: str, cache: Path, markers: Path) -> subprocess.Popen:
-    """A fresh Python process running the preamble and `code`, with its own cache folder."""
-    env = {**os.environ, "SELAGG_CACHE": str(cache), "MARKERS": str(markers), "TQDM_DISABLE": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # several children share 2 cores
+def start(code: str, cache: Path, markers: Path, images: Path) -> subprocess.Popen:
+    """A fresh Python process running the preamble and `code`, with its own cache folder and the saved images."""
+    env = {**os.environ, "SELAGG_CACHE": str(cache), "MARKERS": str(markers), "DATA": str(images),
+           "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}  # several children share the cores
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(PREAMBLE + code)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -110,22 +111,26 @@ def wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout: floa
 
 
 @pytest.fixture(scope="module")
-def expected():
-    """The tokens the cache must return, computed directly."""
-    data = load_dataset("cluttered-digits", "val", n_images=N_IMAGES, seed=0)
+def expected(tmp_path_factory):
+    """The images every child reads (saved once), as a dataset and a file, and the tokens the cache must return."""
+    images = load_dataset("cluttered-digits", "val", n_images=N_IMAGES, seed=0)
+    path = tmp_path_factory.mktemp("data") / "images.pt"
+    torch.save({"images": images.images, "labels": images.labels}, path)
+    data = torch.utils.data.TensorDataset(images.images, images.labels)
     with torch.no_grad():
-        return data, load_backbone("tiny-random").forward_features(data.images).half()
+        return data, load_backbone("tiny-random").forward_features(images.images).half(), path
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory):
+def killed(tmp_path_factory, expected):
     """Two processes killed with SIGKILL, one in the middle of an extraction, one in the middle of its write."""
     root = tmp_path_factory.mktemp("killed")
     markers = root / "markers"
     markers.mkdir()
     caches = {"extracting": root / "cache-extracting", "writing": root / "cache-writing"}
-    procs = {"extracting": start(STALL_IN_EXTRACTION, caches["extracting"], markers),
-             "writing": start(STALL_IN_WRITE, caches["writing"], markers)}
+    images = expected[2]
+    procs = {"extracting": start(STALL_IN_EXTRACTION, caches["extracting"], markers, images),
+             "writing": start(STALL_IN_WRITE, caches["writing"], markers, images)}
     try:
         wait_for([markers / name for name in procs], list(procs.values()))
     finally:  # the fault itself, and the cleanup should the wait fail
@@ -141,7 +146,7 @@ def test_kill_in_the_middle_of_extraction_leaves_nothing_and_the_next_run_is_rig
     cache = caches["extracting"]
     assert [p.suffix for p in cache.iterdir()] == [".lock"]  # the dead process's lock; no temporary file
     monkeypatch.setenv(feat.CACHE_ENV, str(cache))
-    data, tokens = expected
+    data, tokens, _ = expected
     got = feat.cached_tokens("tiny-random", data, progress=False)  # the kernel released the lock
     assert torch.equal(got.tokens, tokens)
     assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]
@@ -156,7 +161,7 @@ def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(k
     assert list(cache.glob("*.safetensors")) == []  # nothing a run could load
     assert len(list(cache.glob(".*.lock"))) == 1
     monkeypatch.setenv(feat.CACHE_ENV, str(cache))
-    data, tokens = expected
+    data, tokens, _ = expected
     got = feat.cached_tokens("tiny-random", data, progress=False)
     assert torch.equal(got.tokens, tokens) and not orphans[0].exists()
     assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]
@@ -165,12 +170,12 @@ def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(k
 
 
 @pytest.fixture(scope="module")
-def three_writers(tmp_path_factory):
+def three_writers(tmp_path_factory, expected):
     """Three fresh processes released at once to fill one cache entry, each then training the same probes."""
     root = tmp_path_factory.mktemp("writers")
     markers, cache = root / "markers", root / "cache"
     markers.mkdir()
-    procs = [start(WRITER + PROBE, cache, markers) for _ in range(3)]
+    procs = [start(WRITER + PROBE, cache, markers, expected[2]) for _ in range(3)]
     try:
         wait_for([markers / f"ready-{p.pid}" for p in procs], procs)
         (markers / "go").touch()
@@ -186,7 +191,7 @@ def three_writers(tmp_path_factory):
 
 def test_three_processes_filling_one_entry_at_once(three_writers, expected, monkeypatch):
     cache, outputs = three_writers
-    data, tokens = expected
+    data, tokens, _ = expected
     assert len({out[0] for out in outputs}) == 1  # every writer got the same tokens
     assert sorted(int(out[1]) for out in outputs) == [0, 0, 1]  # one extracted, two waited and loaded
     monkeypatch.setenv(feat.CACHE_ENV, str(cache))
