@@ -30,6 +30,7 @@ class _Visible(HTMLParser):
         self.text: list[str] = []
         self.output_text: list[str] = []
         self.images: list[str] = []
+        self.output_images: list[list[str]] = []  # per cell output: the images it shows
         self._skip: list[str] = []
         self._output_depth: list[int] = []
         self._depth = 0
@@ -39,6 +40,8 @@ class _Visible(HTMLParser):
         classes = (a.get("class") or "").split()
         if tag == "img":
             self.images.append(a.get("src") or "")
+            if self._output_depth:
+                self.output_images[-1].append(a.get("src") or "")
         if tag in ("br", "img", "meta", "link", "input", "hr"):
             return
         self._depth += 1
@@ -46,6 +49,7 @@ class _Visible(HTMLParser):
             self._skip.append(tag)
         elif "cell_output" in classes:
             self._output_depth.append(self._depth)
+            self.output_images.append([])
 
     def handle_endtag(self, tag):
         if tag in ("br", "img", "meta", "link", "input", "hr"):
@@ -86,6 +90,12 @@ def html_defects(chapter: str, html: str, page: Path | None = None) -> list[str]
             target = (page.parent / src.split("#")[0].split("?")[0]).resolve()
             if not target.is_file() or target.stat().st_size == 0:
                 defects.append(f"{chapter}: the figure {src} is missing or empty in the built site.")
+    for shown in parser.output_images:
+        twice = sorted({src for src in shown if shown.count(src) > 1 and "_images/" in src})
+        if twice:
+            defects.append(f"{chapter}: a cell shows the same figure twice ({twice[0]}); end the cell with "
+                           "plt.show() rather than an expression that returns the figure.")
+            break
     for where, text in (("text", visible), ("output", outputs)):
         if m := RAW_TABLE.search(text):
             defects.append(f"{chapter}: a Markdown table is shown raw in the {where} ({m.group(0).strip()[:60]!r}).")

@@ -11,6 +11,8 @@ GOOD = """<html><head><script defer src="../_static/mathjax/tex-svg.js"></script
 
 BROKEN = {
     "no figure": (GOOD.replace('<img alt="_images/fig.png" src="../_images/fig.png" />', ""), "no figure"),
+    "figure twice": (GOOD.replace('<img alt="_images/fig.png" src="../_images/fig.png" />',
+                                  '<img alt="_images/fig.png" src="../_images/fig.png" />' * 2), "twice"),
     "raw table": (GOOD.replace("<table><tr><td>a</td></tr></table>",
                                "<p>| backbone | cls |\n|—|—|\n| mae | 40.4 |</p>"), "Markdown table"),
     "raw table in a printed output": (GOOD.replace("<pre>print(x)</pre>", "")
