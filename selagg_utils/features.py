@@ -49,8 +49,8 @@ _REPAIR = "remove or repair it, or pass a dataset without it"
 
 
 @torch.inference_mode()
-def extract_tokens(model: VisionTransformer, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "cpu",
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_tokens(model: VisionTransformer, dataset: Dataset, batch_size: int = 256,
+                   device: str | torch.device = "cpu", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """All output tokens after the final norm, (N, T, D) float32 with prefix tokens first, and labels (N,)."""
     check_extraction_inputs(dataset, batch_size)
     model.eval().to(device)

@@ -45,6 +45,9 @@ def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
                  k: int = 20, temperature: float = 0.07, num_classes: int | None = None) -> float:
     """Weighted k-NN on cosine similarity (votes exp(sim / T), as in DINO's evaluation)."""
     check_features(train, test)
+    whole_number(k, "k", 1, "k-NN votes with at least one neighbour (DINO uses 20)")
+    real_number(temperature, "temperature", 0, "votes are exp(similarity / T) with T > 0 (DINO uses 0.07)",
+                strictly=True)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if num_classes is None else num_classes
     a, b = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
     sim, idx = (b @ a.T).topk(min(k, len(a)), dim=1)
@@ -60,6 +63,9 @@ def logistic_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, tes
     which is much faster on a laptop CPU.
     """
     check_features(train, test)
+    real_number(C, "C", 0, "C is the inverse strength of the L2 penalty, finite and positive (1.0 by default)",
+                strictly=True)
+    whole_number(max_iter, "max_iter", 1, "L-BFGS needs at least one iteration (200 by default)")
     # Clones: features and labels may come from inference mode, which autograd cannot use.
     x, xt, y = train.double().clone(), test.double().clone(), train_labels.long().clone()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -86,6 +92,7 @@ def ridge_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.
                    alpha: float = 1.0, num_classes: int | None = None) -> torch.Tensor:
     """Least-squares linear probe on standardised features, batched over leading dims: (..., n, D) -> (...)."""
     check_features(train, test)
+    real_number(alpha, "alpha", 0, "the ridge penalty is finite and not negative (1.0 by default)")
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
     train, test = train.double(), test.double()
     mean, std = train.mean(-2, keepdim=True), train.std(-2, keepdim=True).clamp_min(1e-6)
@@ -604,6 +611,7 @@ def head_weights(head: ProbeHead | Aggregator, tokens: torch.Tensor) -> torch.Te
 # ----------------------------------------------------------------------------- low-shot
 def low_shot_indices(labels: torch.Tensor, shots: int, draws: int = 3, seed: int = 0) -> list[torch.Tensor]:
     """`draws` random subsets with `shots` images of every class each (a different draw per subset)."""
+    whole_number(draws, "draws", 1, "draw at least one subset of images (3 by default)")
     classes, counts = torch.unique(labels, return_counts=True)
     if shots < 1 or shots > int(counts.min()):
         poorest = int(classes[counts.argmin()])

@@ -11,7 +11,8 @@ from selagg_utils.attention import attention_statistics
 from selagg_utils.checkpoints import load_checkpoint, save_checkpoint
 from selagg_utils.features import TokenSet
 from selagg_utils.models import TINY_CONFIG, load_backbone, model_from_checkpoint, tiny_vit
-from selagg_utils.probing import ProbeRecipe, knn_accuracy, train_probe, train_probes
+from selagg_utils.probing import (ProbeRecipe, knn_accuracy, logistic_probe_accuracy, low_shot_indices, ridge_accuracy,
+                                  train_probe, train_probes)
 
 
 def toy(n: int, seed: int) -> TokenSet:
@@ -186,3 +187,15 @@ def test_a_nan_image_is_named_by_attention_maps(tiny):
     images[2, 0, 0, 0] = float("inf")
     with pytest.raises(SelaggError, match="Image 2 contains NaN or infinite"):
         attention_maps(tiny, images)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda x, y: knn_accuracy(x, y, x, y, k=0), "k=0"),
+    (lambda x, y: knn_accuracy(x, y, x, y, temperature=0.0), "temperature=0.0"),
+    (lambda x, y: logistic_probe_accuracy(x, y, x, y, C=0.0), "C=0.0"),
+    (lambda x, y: ridge_accuracy(x, y, x, y, alpha=-1.0), "alpha=-1.0"),
+    (lambda x, y: low_shot_indices(y, 1, draws=0), "draws=0"),
+])
+def test_evaluation_settings_that_would_give_a_meaningless_number_are_refused(call, words):
+    with pytest.raises(SelaggError, match=words):
+        call(torch.randn(12, 4), torch.arange(12) % 3)
