@@ -1,6 +1,7 @@
 """The feature cache's identity and integrity: two different inputs never share an entry, a damaged
 entry is never served, and a bad location is refused before any work is done."""
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,22 @@ def test_an_image_folder_is_keyed_by_its_files(tmp_path):
     after = feat.dataset_identity(image_folder(tmp_path, "test", image_size=32))
     assert before["data"]["n_images"] == 4 and before["data"] != after["data"]
     assert "Resize" in before["transform"] or "resize" in before["transform"].lower()
+
+
+def test_large_entries_are_verified_once_and_again_after_any_change(cache, data, monkeypatch, capsys):
+    monkeypatch.setattr(feat, "VERIFY_EVERY_LOAD_BYTES", 0)  # every entry counts as large here
+    first = feat.cached_tokens("tiny-random", data, progress=False)
+    checks = []
+    real = feat.entry_checksum
+    monkeypatch.setattr(feat, "entry_checksum", lambda *a: checks.append(1) or real(*a))
+    feat.cached_tokens("tiny-random", data, progress=False)
+    feat.cached_tokens("tiny-random", data, progress=False)
+    assert len(checks) == 1  # verified on the first load only
+    path = feat.entry_path(first.key)
+    raw = bytearray(path.read_bytes())
+    raw[-7] ^= 0x01
+    time.sleep(0.05)  # beyond the file system clock's granularity, so that the write gets a new mtime
+    with open(path, "r+b") as f:  # changed in place: same inode and size, a new mtime
+        f.write(bytes(raw))
+    again = feat.cached_tokens("tiny-random", data, progress=False)
+    assert torch.equal(again.tokens, first.tokens) and "checksum does not match" in capsys.readouterr().err
