@@ -146,8 +146,12 @@ class ProbeRecipe:
                               "e.g. lrs=(0.1, 1.0, 10.0).")
         object.__setattr__(self, "lrs", tuple(self.lrs))
         for lr in self.lrs:
-            real_number(lr, "a learning rate in lrs, here", 0, "every rate must be positive (a negative one climbs "
-                        "the loss) and below 1e6; e.g. lrs=(0.1, 1.0, 10.0)", strictly=True, maximum=MAX_LR)
+            try:
+                real_number(lr, "lr", 0, "", strictly=True, maximum=MAX_LR)
+            except SelaggError:
+                raise SelaggError(f"The learning rate {lr!r} in lrs is not accepted: every rate must be a finite number "
+                                  f"greater than 0 (a negative one climbs the loss) and below {MAX_LR:,.0f}; e.g. "
+                                  "lrs=(0.1, 1.0, 10.0).") from None
         real_number(self.weight_decay, "weight_decay", 0, "use 0 for none (MAE's probe) or a small value like 0.05")
         real_number(self.momentum, "momentum", 0, "use 0.9 as MAE's LARS does", maximum=1)
         whole_number(self.min_steps, "min_steps", 0, "use 0 unless tiny training sets need more steps")
@@ -513,7 +517,7 @@ def checked_seeds(seeds) -> tuple[int, ...]:
     if not hasattr(seeds, "__iter__") or len(tuple(seeds)) == 0:
         raise SelaggError(f"seeds={seeds!r} is not accepted: give a non-empty sequence of whole numbers, "
                           "e.g. (0, 1, 2).")
-    return tuple(whole_number(s, "a seed", 0, "seeds are whole numbers such as (0, 1, 2)") for s in seeds)
+    return tuple(whole_number(s, "seed", 0, "seeds are whole numbers such as (0, 1, 2)") for s in seeds)
 
 
 def check_probe_inputs(recipe: ProbeRecipe, train: TokenSet, val: TokenSet, test: TokenSet | None) -> None:
