@@ -149,9 +149,9 @@ class ProbeRecipe:
             try:
                 real_number(lr, "lr", 0, "", strictly=True, maximum=MAX_LR)
             except SelaggError:
-                raise SelaggError(f"The learning rate {lr!r} in lrs is not accepted: every rate must be a finite number "
-                                  f"greater than 0 (a negative one climbs the loss) and below {MAX_LR:,.0f}; e.g. "
-                                  "lrs=(0.1, 1.0, 10.0).") from None
+                raise SelaggError(f"The learning rate {lr!r} in lrs is not accepted: every rate must be a finite "
+                                  f"number greater than 0 (a negative one climbs the loss) and below {MAX_LR:,.0f}; "
+                                  "e.g. lrs=(0.1, 1.0, 10.0).") from None
         real_number(self.weight_decay, "weight_decay", 0, "use 0 for none (MAE's probe) or a small value like 0.05")
         real_number(self.momentum, "momentum", 0, "use 0.9 as MAE's LARS does", maximum=1)
         whole_number(self.min_steps, "min_steps", 0, "use 0 unless tiny training sets need more steps")
