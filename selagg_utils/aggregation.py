@@ -8,6 +8,7 @@ a head does not pool (registers, and [cls] unless asked for) get weight 0.
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import torch
 import torch.nn as nn
@@ -228,7 +229,7 @@ class AbMILP(Aggregator):
             self.register_buffer("pos_embed", None)
         elif pos_embed == "sincos":
             if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2
-                    and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_size)):
+                    and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in grid_size)):
                 raise SelaggError(f"pos_embed='sincos' needs the patch grid as two positive whole numbers, got "
                                   f"grid_size={grid_size!r}; pass e.g. grid_size=(8, 8) (models.patch_grid(model)).")
             self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(grid_size), dim), persistent=False)
