@@ -75,6 +75,12 @@ def _outputs_text(html: str) -> str:
     return "".join(parser.output_text)
 
 
+def _found(chapter: str, checks: list[tuple[re.Pattern, str, int]], text: str) -> list[str]:
+    """One sentence per pattern that occurs in the text: what it means, and the start of what matched."""
+    return [f"{chapter}: {what} ({m.group(0).strip()[:width]!r})." for pattern, what, width in checks
+            if (m := pattern.search(text))]
+
+
 def html_defects(chapter: str, html: str, page: Path | None = None) -> list[str]:
     """Defects readable from a page's HTML: missing figures, raw tables, progress bars, tracebacks, raw math."""
     parser = _Visible()
@@ -96,20 +102,14 @@ def html_defects(chapter: str, html: str, page: Path | None = None) -> list[str]
             defects.append(f"{chapter}: a cell shows the same figure twice ({twice[0]}); end the cell with "
                            "plt.show() rather than an expression that returns the figure.")
             break
-    for where, text in (("text", visible), ("output", outputs)):
-        if m := RAW_TABLE.search(text):
-            defects.append(f"{chapter}: a Markdown table is shown raw in the {where} ({m.group(0).strip()[:60]!r}).")
-            break
-    if m := PROGRESS.search(visible + "\n" + outputs):
-        defects.append(f"{chapter}: a progress bar was saved into the page ({m.group(0)[:40]!r}).")
+    defects += (_found(chapter, [(RAW_TABLE, "a Markdown table is shown raw in the text", 60)], visible)
+                or _found(chapter, [(RAW_TABLE, "a Markdown table is shown raw in an output", 60)], outputs))
+    defects += _found(chapter, [(PROGRESS, "a progress bar was saved into the page", 40)], visible + "\n" + outputs)
     if WIDGET_VIEW in html:
         defects.append(f"{chapter}: a widget view is embedded (a blank gap or empty controls without a kernel).")
-    if m := TRACEBACK.search(outputs):
-        defects.append(f"{chapter}: an error or traceback is shown in an output ({m.group(0)[:60]!r}).")
-    if m := RAW_MATH.search(visible):
-        defects.append(f"{chapter}: a formula is left as raw LaTeX in the text ({m.group(0)[:40]!r}).")
-    if m := EXTERNAL_ASSET.search(html):
-        defects.append(f"{chapter}: the page loads a script or style sheet from the network ({m.group(0)[:80]!r}).")
+    defects += _found(chapter, [(TRACEBACK, "an error or traceback is shown in an output", 60)], outputs)
+    defects += _found(chapter, [(RAW_MATH, "a formula is left as raw LaTeX in the text", 40)], visible)
+    defects += _found(chapter, [(EXTERNAL_ASSET, "the page loads a script or style sheet from the network", 80)], html)
     return defects
 
 
@@ -142,11 +142,6 @@ def browser_defects(chapter: str, seen: dict) -> list[str]:
         defects.append(f"{chapter}: MathJax did not load, so every formula shows as raw LaTeX.")
     elif seen["rawMath"]:
         defects.append(f"{chapter}: {len(seen['rawMath'])} formula(s) left as raw LaTeX, e.g. {seen['rawMath'][0]!r}.")
-    text = seen["text"]
-    if m := RAW_TABLE.search(text):
-        defects.append(f"{chapter}: a Markdown table is shown raw ({m.group(0).strip()[:60]!r}).")
-    if m := PROGRESS.search(text):
-        defects.append(f"{chapter}: a progress bar is visible ({m.group(0)[:40]!r}).")
-    if m := TRACEBACK.search(text):
-        defects.append(f"{chapter}: an error or traceback is visible ({m.group(0)[:60]!r}).")
-    return defects
+    return defects + _found(chapter, [(RAW_TABLE, "a Markdown table is shown raw", 60),
+                                      (PROGRESS, "a progress bar is visible", 40),
+                                      (TRACEBACK, "an error or traceback is visible", 60)], seen["text"])
