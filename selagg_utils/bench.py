@@ -856,8 +856,14 @@ def format_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines + table_notes(rows))
 
 
+# Columns that describe the setting rather than the measurement: when every row shares the value,
+# a notebook shows it once under the table, so that the table fits the page.
+SHARED_COLUMNS = ("batch", "prec", "GFLOP/img", "params")
+
+
 def show(rows: list[BenchRow]) -> None:
-    """Show the rows as a table: HTML in a notebook (columns without a value, or a status all "ok", left out)."""
+    """Show the rows as a table: HTML in a notebook (columns without a value, a status all "ok", or a
+    setting every row shares, left out of the table and named under it), aligned text elsewhere."""
     try:
         from IPython import get_ipython
     except ImportError:
@@ -868,10 +874,13 @@ def show(rows: list[BenchRow]) -> None:
     from .viz import Table, show_table
 
     header, cells = table_cells(rows)
-    kept = [i for i in range(len(header)) if any(row[i] != "-" for row in cells)
+    same = [i for i in range(len(header)) if header[i] in SHARED_COLUMNS and len(cells) > 1
+            and len({row[i] for row in cells}) == 1]
+    kept = [i for i in range(len(header)) if any(row[i] != "-" for row in cells) and i not in same
             and not (header[i] == "status" and all(row[i] == "ok" for row in cells))]
     show_table(Table([header[i] for i in kept], [[row[i] for i in kept] for row in cells]))
-    print("\n".join(table_notes(rows)))
+    shared = [f"{header[i]} {cells[0][i]}" for i in same if cells[0][i] != "-"]
+    print("\n".join(([f"every row: {', '.join(shared)}"] if shared else []) + table_notes(rows)))
 
 
 def write_csv(rows: list[BenchRow], path: str | os.PathLike) -> Path:

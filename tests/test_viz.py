@@ -73,3 +73,19 @@ def test_bench_table_in_a_notebook_leaves_out_columns_without_values(monkeypatch
     assert table.header == ["step", "batch", "prec", "median ms"]
     assert table.rows == [["eager", "8", "fp32", "2.0"]]
     assert "device: cpu" in capsys.readouterr().out
+
+
+def test_bench_table_in_a_notebook_names_a_setting_every_row_shares_once(monkeypatch, capsys):
+    import IPython
+
+    from selagg_utils import bench
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(viz, "show_table", shown.append)
+    rows = [bench.BenchRow(step=s, device="cpu", model="m", batch_size=64, precision=p, median_ms=ms, params=10)
+            for s, p, ms in (("eager", "fp32", 2.0), ("autocast", "bf16", 1.0))]
+    bench.show(rows)
+    (table,) = shown
+    assert table.header == ["step", "prec", "median ms"]
+    assert "every row: batch 64, params 10" in capsys.readouterr().out
