@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_SCALE_NOTEBOOKS = ["00_welcome", "03_joint_embedding"]
+FULL_SCALE_NOTEBOOKS = ["00_welcome", "03_joint_embedding", "04_attention_uniformity"]
 
 
 @pytest.fixture(scope="module")
