@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from .errors import SelaggError
+
 
 def show_source(obj) -> None:
     """Display the source code of a package function or class, highlighted, in a notebook."""
@@ -237,7 +239,8 @@ class Table:
         self.header = [str(h) for h in header]
         self.rows = [[str(c) for c in row] for row in rows]
         if any(len(row) != len(self.header) for row in self.rows):
-            raise ValueError(f"Every row needs {len(self.header)} cells, one per column of {self.header}.")
+            raise SelaggError(f"Every row of a table needs {len(self.header)} cells, one per column of "
+                              f"{self.header}; pad short rows (e.g. with '-').")
 
     def _repr_html_(self) -> str:
         def cell(tag: str, text: str) -> str:  # long snake_case names may break after "_"

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from selagg_utils import attention, models, viz
+from selagg_utils import SelaggError, attention, models, viz
 
 
 def test_table_is_escaped_html_with_one_cell_per_column():
@@ -17,7 +17,7 @@ def test_table_is_escaped_html_with_one_cell_per_column():
 
 
 def test_table_refuses_a_row_of_the_wrong_length():
-    with pytest.raises(ValueError, match="2 cells"):
+    with pytest.raises(SelaggError, match="2 cells"):
         viz.Table(["a", "b"], [[1, 2, 3]])
 
 
