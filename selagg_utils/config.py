@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,12 @@ from .errors import SelaggError
 
 SCALES = ("tiny", "full")
 ENV_VAR = "SELAGG_SCALE"
+#: At full scale, the most images a chapter reads per split (a seeded, class-stratified subset); unset = all.
+MAX_IMAGES_VAR = "SELAGG_MAX_IMAGES"
+#: At full scale, the further backbones of the paper's families (comma-separated names); unset = MORE_BACKBONES.
+MORE_VAR = "SELAGG_MORE_BACKBONES"
+#: DINOv2 with four registers (a joint-embedding model with register tokens) and I-JEPA (no [cls] token).
+MORE_BACKBONES = ("vit_base_patch14_reg4_dinov2.lvd142m", "vit_huge_patch14_gap_224.in1k_ijepa")
 
 
 def scale(value: str | None = None) -> str:
@@ -24,7 +31,7 @@ def scale(value: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class ScaleSettings:
-    """What a chapter uses at one scale."""
+    """What a chapter uses at one scale (n_train/n_eval: images per split; None = the whole split)."""
 
     scale: str
     mim: str
@@ -34,24 +41,72 @@ class ScaleSettings:
     batch_size: int
     n_train: int | None
     n_eval: int | None
+    more: tuple[str, ...] = ()
+
+    @property
+    def backbones(self) -> tuple[str, str, str]:
+        """The MIM model, the joint-embedding model and the untrained control, in the book's order."""
+        return (self.mim, self.jea, self.control)
+
+
+def max_images() -> int | None:
+    """The per-split image cap of the full scale from $SELAGG_MAX_IMAGES (None when unset)."""
+    raw = os.environ.get(MAX_IMAGES_VAR, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise SelaggError(f"{MAX_IMAGES_VAR}={raw!r} is not accepted: give a positive whole number of images per "
+                          "split (e.g. 2000), or unset it to use whole splits.")
+    return int(raw)
+
+
+def more_backbones() -> tuple[str, ...]:
+    """The further backbones of the full scale: $SELAGG_MORE_BACKBONES (comma-separated; empty = none), else the default."""
+    raw = os.environ.get(MORE_VAR)
+    if raw is None:
+        return MORE_BACKBONES
+    return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
 def settings(value: str | None = None) -> ScaleSettings:
     """The backbones, dataset and sizes of a scale."""
     if scale(value) == "tiny":
         return ScaleSettings("tiny", "tiny-mae", "tiny-jea", "tiny-random", "cluttered-digits", 256, 5000, 2000)
+    cap = max_images()
     return ScaleSettings("full", "vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "random:vit_base_patch16_224",
-                         "imagenette", 128, None, None)
+                         "imagenette", 128, cap, cap,
+                         more=more_backbones())
 
 
-def device(prefer: str | None = None) -> torch.device:
-    """CUDA if present (or the device asked for), else CPU."""
+def device(prefer: str | None = None, scale_name: str | None = None) -> torch.device:
+    """CUDA if present (or the device asked for), else CPU; a warning when the full scale would run on a CPU."""
     if prefer:
         try:
-            return torch.device(prefer)
+            chosen = torch.device(prefer)
         except RuntimeError:
             raise SelaggError(f"Unknown device {prefer!r}; use 'cpu', 'cuda', 'cuda:0' or 'mps'.") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if chosen.type == "cpu" and scale(scale_name) == "full":
+        warnings.warn("The full scale is running on a CPU: ViT-B/16 over Imagenette takes hours there. In Colab "
+                      "choose Runtime > Change runtime type > GPU, or set SELAGG_MAX_IMAGES to a few hundred.",
+                      stacklevel=2)
+    return chosen
+
+
+def half_dtype(dev: torch.device | str) -> torch.dtype | None:
+    """The half precision a device runs natively: bfloat16 where it is native, else float16 on CUDA; None on CPU.
+
+    A T4 (compute capability 7.5) only emulates bfloat16, so it gets float16.
+    """
+    dev = torch.device(dev)
+    if dev.type != "cuda":
+        return None
+    try:
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation and reports native support only
+        native_bf16 = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def seed_everything(seed: int = 0) -> None:

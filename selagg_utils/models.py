@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoints import load_checkpoint, sub_state
+from .checkpoints import load_checkpoint, read_manifest, sha256_of, sub_state
 from .errors import SelaggError
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -45,29 +46,154 @@ def tiny_checkpoint_path(name: str) -> Path:
     return CHECKPOINT_DIR / f"{name}.safetensors"
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone name stands for: where its weights come from and how to build it.
+
+    kind: "tiny" (a shipped checkpoint), "file" (a local checkpoint with this book's manifest),
+    "timm" (a timm architecture; pretrained hub weights, a local weights file, or seeded random
+    weights) or "random" (the untrained control `random:<timm name>[:seed]`).
+    """
+
+    name: str
+    kind: str
+    arch: str | None = None
+    path: Path | None = None
+    pretrained: bool = False
+    seed: int | None = None
+    img_size: int | None = None
+
+    def identity(self) -> dict:
+        """What identifies the weights this spec loads (part of every feature cache key)."""
+        import timm
+
+        if self.kind == "tiny":
+            return {"backbone": self.name, "sha256": read_manifest(self.path)["sha256"]}
+        if self.kind == "file":
+            return {"backbone": self.path.name, "sha256": sha256_of(self.path)}
+        size = {"img_size": self.img_size} if self.img_size else {}
+        if self.path is not None:  # a timm architecture with weights from a local file
+            return {"backbone": self.arch, "weights": self.path.name, "sha256": sha256_of(self.path), **size}
+        if not self.pretrained:
+            return {"backbone": self.name, "weights": "random", "seed": self.seed, "timm": timm.__version__,
+                    "torch": torch.__version__.split("+")[0], **size}
+        cfg = timm.models.get_pretrained_cfg(self.arch)
+        source = (cfg.hf_hub_id or cfg.url or "") if cfg is not None else ""
+        return {"backbone": self.name, "weights": "pretrained", "tag": getattr(cfg, "tag", None) or "default",
+                "source": source, "timm": timm.__version__, **size}
+
+
+def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
+                     pretrained: bool | None = None) -> BackboneSpec:
+    """The one reading of a backbone name, shared by `load_backbone`, the feature cache and the statistics.
+
+    Accepted: a tiny name, a local `.safetensors` checkpoint of this book, `random:<timm name>` (or
+    `random:<timm name>:<seed>`), `<timm name>@<weights file>`, and a timm name (pretrained weights
+    at full scale unless SELAGG_PRETRAINED=0 or `pretrained=False`; seeded random weights otherwise).
+    """
+    import timm
+
+    from .config import scale as resolve_scale
+
+    text = str(name)
+    if text in TINY_NAMES:
+        return BackboneSpec(text, "tiny", path=tiny_checkpoint_path(text))
+    arch, _, weights = text.partition("@")
+    if weights and is_timm_name(arch):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise SelaggError(f"No weights file at {path} for {arch!r}; give the path of a .safetensors, .pth or "
+                              ".bin file holding that architecture's weights.")
+        return BackboneSpec(text, "timm", arch, path, img_size=full_scale_img_size(arch))
+    if text.endswith(".safetensors") or Path(text).is_file():
+        if not Path(text).is_file():
+            raise SelaggError(f"No checkpoint file at {text}; check the path, or use a tiny name "
+                              f"({', '.join(TINY_NAMES)}).")
+        return BackboneSpec(Path(text).name, "file", path=Path(text))
+    if text.startswith("random:"):
+        arch, _, seed = text[len("random:"):].partition(":")
+        if is_timm_name(arch) and (not seed or seed.isdigit()):
+            return BackboneSpec(text, "random", arch, seed=int(seed or RANDOM_INIT_SEED),
+                                img_size=full_scale_img_size(arch))
+        raise SelaggError(f"Unknown backbone {text!r}: after 'random:' give a timm name (and optionally "
+                          f"':<seed>'), e.g. 'random:vit_base_patch16_224'{_close_names(arch)}.")
+    if is_timm_name(text):
+        chosen_scale = resolve_scale(scale)
+        use_hub = uses_pretrained_weights(chosen_scale, pretrained)
+        if use_hub and chosen_scale != "full":
+            raise SelaggError(f"{text!r} with pretrained weights needs the full scale (SELAGG_SCALE=full); "
+                              f"offline, use a tiny backbone ({', '.join(TINY_NAMES)}).")
+        return BackboneSpec(text, "timm", text, pretrained=use_hub, seed=None if use_hub else RANDOM_INIT_SEED,
+                            img_size=full_scale_img_size(text))
+    raise SelaggError(f"Unknown backbone {text!r}: use a tiny name ({', '.join(TINY_NAMES)}), a local .safetensors "
+                      f"checkpoint, 'random:<timm name>', or a timm name such as {FULL_NAMES[0]!r} "
+                      f"(pretrained weights need the full scale){_close_names(text)}.")
+
+
+def is_timm_name(text: str) -> bool:
+    """Whether timm knows the architecture and, when a `.tag` is given, that pretrained tag."""
+    import timm
+
+    if not timm.is_model(text):
+        return False
+    try:
+        timm.models.get_pretrained_cfg(text)
+    except RuntimeError:  # "Invalid pretrained tag"
+        return False
+    return True
+
+
+def _close_names(text: str) -> str:
+    """', did you mean ...?' with up to three close timm or tiny names, or ''."""
+    import difflib
+
+    import timm
+
+    candidates = [*TINY_NAMES, *timm.list_models(pretrained=True), *timm.list_models()]
+    close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def full_scale_img_size(arch: str) -> int | None:
+    """224 for a timm architecture whose default input is larger (DINOv2's 518 px), so every backbone sees 224 px."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
+    return 224 if size and size > 224 else None
+
+
+def data_config(name: str | os.PathLike) -> dict | None:
+    """How a backbone expects its images (timm's pretrained data config: size, interpolation, crop, mean, std).
+
+    None for the tiny backbones and this book's checkpoint files, which read the lab's tensors as stored.
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    spec = resolve_backbone(name, scale="full", pretrained=False)
+    if spec.arch is None:
+        return None
+    cfg = timm.models.get_pretrained_cfg(spec.arch)
+    config = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    if spec.img_size:  # the backbone is built at 224 px (DINOv2's default is 518)
+        config["input_size"] = (config["input_size"][0], spec.img_size, spec.img_size)
+    return config
+
+
 def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pretrained: bool | None = None,
                   device: str | torch.device = "cpu", **timm_kwargs) -> VisionTransformer:
-    """A frozen ViT in eval mode from a tiny name, a timm name or a local `.safetensors` checkpoint.
+    """A frozen ViT in eval mode from any name `resolve_backbone` accepts.
 
     timm names load pretrained weights only at full scale (`pretrained=None` means "if full");
     `pretrained=False` builds the architecture alone, which works offline, and so does the name
     `random:<timm name>` (the untrained control at full scale).
     """
-    from .config import scale as resolve_scale
-
-    name = str(name_or_path)
-    if name in TINY_NAMES:
-        model = model_from_checkpoint(tiny_checkpoint_path(name))
-    elif name.endswith(".safetensors") or Path(name).is_file():
-        model = model_from_checkpoint(name)
-    elif name.startswith("random:") and timm.is_model(name[7:]):  # an untrained control of a timm architecture
-        model = _timm_backbone(name[7:], resolve_scale(scale), False, **timm_kwargs)
-    elif timm.is_model(name):
-        model = _timm_backbone(name, resolve_scale(scale), pretrained, **timm_kwargs)
+    spec = resolve_backbone(name_or_path, scale, pretrained)
+    if spec.kind in ("tiny", "file"):
+        model = model_from_checkpoint(spec.path)
     else:
-        raise SelaggError(f"Unknown backbone {name!r}: use a tiny name ({', '.join(TINY_NAMES)}), a local "
-                          f".safetensors checkpoint, or a timm name such as {FULL_NAMES[0]!r} (pretrained "
-                          "timm weights need the full scale).")
+        model = _timm_backbone(spec, **timm_kwargs)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -78,23 +204,33 @@ def uses_pretrained_weights(scale: str, pretrained: bool | None) -> bool:
     return bool(pretrained)
 
 
-def _timm_backbone(name: str, scale: str, pretrained: bool | None, **kwargs) -> VisionTransformer:
-    """A timm ViT; pretrained weights are fetched only when the full scale is asked for; random ones are seeded."""
-    pretrained = uses_pretrained_weights(scale, pretrained)
-    if pretrained and scale != "full":
-        raise SelaggError(f"{name!r} with pretrained weights needs the full scale (SELAGG_SCALE=full); "
-                          f"offline, use a tiny backbone ({', '.join(TINY_NAMES)}).")
+def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
+    """A timm ViT: hub weights (after a quick network check), a local weights file, or seeded random weights."""
+    import timm
+
+    if spec.img_size:
+        kwargs.setdefault("img_size", spec.img_size)
+    source = {}
+    if spec.path is not None:
+        source = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(spec.path)))
+    elif spec.pretrained:
+        check_weights_reachable(spec.arch)
+        source = dict(pretrained=True)
     try:
         with torch.random.fork_rng(devices=[]):  # the same random weights every time, the caller's RNG untouched
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    except (OSError, RuntimeError) as err:
-        if pretrained and _looks_offline(err):
-            raise SelaggError(f"Could not download the weights of {name!r}: no network connection; the full "
+            torch.manual_seed(spec.seed if spec.seed is not None else RANDOM_INIT_SEED)
+            model = timm.create_model(spec.arch, num_classes=0, **{"pretrained": False, **source}, **kwargs)
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        if spec.path is not None:
+            raise SelaggError(f"The weights in {spec.path.name} do not fit the architecture {spec.arch!r} "
+                              f"({str(err).splitlines()[0][:200]}); give that architecture's checkpoint, or the "
+                              "timm name of the architecture the file was trained with.") from None
+        if spec.pretrained and _looks_offline(err):
+            raise SelaggError(f"Could not download the weights of {spec.arch!r}: no network connection; the full "
                               "scale needs internet access once (weights are then cached), the tiny scale runs offline.") from None
         raise
     if not isinstance(model, VisionTransformer):
-        raise SelaggError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer; this book "
+        raise SelaggError(f"{spec.arch!r} is a {type(model).__name__}, not a timm VisionTransformer; this book "
                           "works with ViTs (patch tokens plus optional [cls] and register tokens).")
     return model
 
@@ -104,6 +240,43 @@ def _looks_offline(err: BaseException) -> bool:
     text = f"{type(err).__name__} {err}".lower()
     return any(s in text for s in ("offline", "connection", "resolve", "network", "timed out", "localentrynotfound",
                                    "cannot find the requested files", "max retries"))
+
+
+def weights_cached(arch: str) -> bool:
+    """Whether timm's pretrained weights for `arch` are already on this machine (no download needed)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin",
+                                      "open_clip_pytorch_model.bin")):
+            if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
+                return True
+        return False
+    if cfg.url:
+        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        return (hub_dir / Path(cfg.url).name).is_file()
+    return False
+
+
+def check_weights_reachable(arch: str) -> None:
+    """One SelaggError sentence within seconds when pretrained weights are neither cached nor downloadable."""
+    if weights_cached(arch):
+        return
+    import timm
+
+    from .network import HUB_HOST, require_network
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    url = cfg.url if cfg is not None and cfg.url and not cfg.hf_hub_id else HUB_HOST
+    require_network(url, f"the pretrained weights of {arch!r}",
+                    "connect once (the weights are then cached), give a local file as '<timm name>@<path>', "
+                    "set SELAGG_PRETRAINED=0 to rehearse with random weights, or use the tiny scale")
 
 
 def model_from_checkpoint(path: str | os.PathLike) -> VisionTransformer:

@@ -27,18 +27,115 @@ def test_timm_weights_need_full_scale():
         load_backbone("vit_base_patch16_224.mae", scale="tiny", pretrained=True)
 
 
-def test_full_scale_without_network_is_one_sentence(monkeypatch):
+def test_offline_mode_refuses_a_download_in_one_sentence_at_once(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(SelaggError, match="offline mode is on.*SELAGG_PRETRAINED=0") as info:
+        load_backbone("vit_base_patch16_224.mae", scale="full")
+    assert time.perf_counter() - start < 10
+    assert info.value._render_traceback_() == [f"SelaggError: {info.value}"]
+
+
+def test_unreachable_hub_is_one_sentence_without_offline_mode(monkeypatch):
+    """Without HF_HUB_OFFLINE the hub client would retry for about 47 s; the check answers first."""
     import timm
+
+    from selagg_utils import network
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("SELAGG_OFFLINE", raising=False)
+    asked = []
+    monkeypatch.setattr(network, "reachable", lambda host, *a, **k: asked.append(host) or False)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("no download may start"))
+    with pytest.raises(SelaggError, match="huggingface.co, which this machine cannot reach"):
+        load_backbone("vit_base_patch16_224.mae", scale="full")
+    assert asked == ["huggingface.co"]
+
+
+def test_a_failed_download_after_the_check_is_still_one_sentence(monkeypatch):
+    import timm
+
+    from selagg_utils import models
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
                       "in the cached files. Check your internet connection or see how to run the library in offline mode.")
 
+    monkeypatch.setattr(models, "check_weights_reachable", lambda arch: None)
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(SelaggError, match="no network connection") as info:
         load_backbone("vit_base_patch16_224.mae", scale="full")
     assert info.value.__cause__ is None and info.value.__suppress_context__
-    assert info.value._render_traceback_() == [f"SelaggError: {info.value}"]
+
+
+@pytest.mark.parametrize("typo, suggestion", [("vit_base_patch16_224.maee", "vit_base_patch16_224.mae"),
+                                              ("vit_bsae_patch16_224", "vit_base_patch16_224"),
+                                              ("tiny-mea", "tiny-mae")])
+def test_a_misspelt_name_suggests_close_names(typo, suggestion):
+    with pytest.raises(SelaggError, match=f"did you mean '{suggestion}'"):
+        load_backbone(typo, scale="full", pretrained=False)
+
+
+def test_one_resolver_names_every_kind_of_backbone(tmp_path):
+    from selagg_utils import models
+
+    kinds = {name: models.resolve_backbone(name, scale="full").kind
+             for name in ("tiny-mae", "random:vit_tiny_patch16_224", "vit_tiny_patch16_224")}
+    assert kinds == {"tiny-mae": "tiny", "random:vit_tiny_patch16_224": "random", "vit_tiny_patch16_224": "timm"}
+    assert models.resolve_backbone(str(models.tiny_checkpoint_path("tiny-jea"))).kind == "file"
+
+
+def test_the_untrained_control_is_seeded_and_its_seed_is_part_of_its_identity():
+    from selagg_utils import models
+
+    a = load_backbone("random:vit_tiny_patch16_224", img_size=32)
+    torch.manual_seed(123)  # the caller's random state does not change the control
+    b = load_backbone("random:vit_tiny_patch16_224", img_size=32)
+    c = load_backbone("random:vit_tiny_patch16_224:1", img_size=32)
+    assert torch.equal(a.pos_embed, b.pos_embed) and not torch.equal(a.pos_embed, c.pos_embed)
+    ids = [models.resolve_backbone(n).identity() for n in ("random:vit_tiny_patch16_224", "random:vit_tiny_patch16_224:1")]
+    assert ids[0]["seed"] == 0 and ids[1]["seed"] == 1 and ids[0] != ids[1]
+
+
+def test_a_local_weights_file_for_a_timm_name(tmp_path):
+    from safetensors.torch import save_file
+
+    donor = load_backbone("random:vit_tiny_patch16_224:5")
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(path))
+    model = load_backbone(f"vit_tiny_patch16_224@{path}")
+    assert torch.equal(model.pos_embed, donor.pos_embed)
+    with pytest.raises(SelaggError, match="weights.safetensors do not fit the architecture 'vit_small_patch16_224'"):
+        load_backbone(f"vit_small_patch16_224@{path}")
+    with pytest.raises(SelaggError, match="No weights file"):
+        load_backbone(f"vit_tiny_patch16_224@{tmp_path / 'missing.pth'}")
+
+
+def test_backbones_with_registers_or_without_cls_run_at_224_px():
+    from selagg_utils.models import has_cls_token, num_prefix_tokens, patch_grid
+
+    dinov2 = load_backbone("random:vit_small_patch14_reg4_dinov2.lvd142m")
+    assert patch_grid(dinov2) == (16, 16) and num_prefix_tokens(dinov2) == 5 and has_cls_token(dinov2)
+    no_cls = load_backbone("random:vit_small_patch16_224", class_token=False, global_pool="avg")
+    assert num_prefix_tokens(no_cls) == 0 and not has_cls_token(no_cls)
+
+
+def test_image_cap_and_half_precision_settings(monkeypatch):
+    from selagg_utils import config
+
+    monkeypatch.setenv("SELAGG_MAX_IMAGES", "40")
+    assert config.settings("full").n_train == config.settings("full").n_eval == 40
+    assert config.settings("tiny").n_train == 5000  # the lab's sizes are fixed
+    monkeypatch.setenv("SELAGG_MAX_IMAGES", "many")
+    with pytest.raises(SelaggError, match="SELAGG_MAX_IMAGES='many'"):
+        config.settings("full")
+    assert config.half_dtype("cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert config.half_dtype("cuda") == torch.float16  # a T4 emulates bfloat16 only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert config.half_dtype("cuda") == torch.bfloat16
 
 
 def test_non_vit_timm_model_is_refused():
