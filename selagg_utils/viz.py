@@ -27,8 +27,9 @@ def show_source(obj) -> None:
 
 def image_grid(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8, size: float = 1.4,
                cmap: str = "gray", suptitle: str | None = None) -> plt.Figure:
-    """A grid of (N, 1, H, W) or (N, H, W) images with optional titles."""
-    imgs = images[:, 0] if images.ndim == 4 else images
+    """A grid of (N, C, H, W) images in [0, 1] (gray with C = 1, or RGB) or (N, H, W) with optional titles."""
+    imgs = images.permute(0, 2, 3, 1) if images.ndim == 4 and images.shape[1] == 3 else (
+        images[:, 0] if images.ndim == 4 else images)
     n = len(imgs)
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
@@ -60,13 +61,15 @@ def outline_mask(ax: plt.Axes, mask: torch.Tensor, patch_size: int, color: str =
 
 # ----------------------------------------------------------------------------- attention (chapter 04)
 def displayable(image: torch.Tensor) -> np.ndarray:
-    """An image tensor (C, H, W) as an array imshow can draw: (H, W) gray or (H, W, 3) scaled to [0, 1]."""
-    img = image.detach().float().cpu()
+    """An image tensor (C, H, W) in [0, 1] as an array imshow can draw: (H, W) gray or (H, W, 3), clamped.
+
+    Normalised model inputs must be de-normalised first (`data.displayable`); stretching each image
+    to its own minimum and maximum would change its colours and contrast.
+    """
+    img = image.detach().float().cpu().clamp(0, 1)
     if img.ndim == 3 and img.shape[0] == 1:
         return img[0].numpy()
-    img = img.permute(1, 2, 0) if img.ndim == 3 else img
-    lo, hi = img.min(), img.max()
-    return ((img - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+    return (img.permute(1, 2, 0) if img.ndim == 3 else img).numpy()
 
 
 def overlay_attention(ax: plt.Axes, image: torch.Tensor, attention: torch.Tensor, vmax: float | None = None,

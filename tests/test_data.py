@@ -103,12 +103,16 @@ def test_image_folder_at_full_scale(tmp_path):
     assert train[0][0].shape == (3, 32, 32)
 
 
-def test_imagenette_without_network_says_so(tmp_path, monkeypatch):
+def test_imagenette_without_network_says_so_at_once(tmp_path, monkeypatch):
+    """Offline mode (or no route to the host) gives one sentence within seconds, before any download."""
+    import time
+
     import torchvision.datasets.utils as tv_utils
 
-    def offline(*args, **kwargs):
-        raise OSError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
-    with pytest.raises(SelaggError, match="network"):
+    calls = []
+    monkeypatch.setattr(tv_utils, "download_url", lambda *a, **k: calls.append(a))
+    monkeypatch.setenv("SELAGG_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(SelaggError, match="offline mode.*tiny scale"):
         load_dataset("imagenette", "train", root=tmp_path)
+    assert time.monotonic() - start < 5 and not calls
