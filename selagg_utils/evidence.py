@@ -5,28 +5,27 @@ import torch
 from torch.utils.data import Dataset
 
 from .checkpoints import load_checkpoint, sub_state
-from .features import extract_tokens
-from .models import load_backbone, num_prefix_tokens, tiny_checkpoint_path, tiny_vit
+from .errors import SelaggError
+from .features import pooled_features
+from .models import tiny_checkpoint_path, tiny_vit
 from .pretrain import MaskedAutoencoder, hidden_patch_mse, mean_fill_baseline
 from .probing import knn_accuracy, logistic_probe_accuracy
 
 
-def cls_and_mean_features(tokens: torch.Tensor, n_prefix: int = 1) -> dict[str, torch.Tensor]:
-    """The [cls] output and the mean of the patch tokens, from (N, T, D) tokens."""
-    return {"cls": tokens[:, 0], "mean": tokens[:, n_prefix:].mean(1)}
-
-
 def probe_report(name: str, train: Dataset, test: Dataset, device: str | torch.device = "cpu") -> dict[str, float]:
-    """k-NN and logistic-regression test accuracy on [cls] and on mean-pooled patches for one backbone."""
-    model = load_backbone(name, device=device)
-    n_prefix = num_prefix_tokens(model)
-    tr_tokens, tr_y = extract_tokens(model, train, device=device)
-    te_tokens, te_y = extract_tokens(model, test, device=device)
-    tr, te = cls_and_mean_features(tr_tokens, n_prefix), cls_and_mean_features(te_tokens, n_prefix)
+    """k-NN and logistic-regression test accuracy on [cls] and on mean-pooled patches for one backbone.
+
+    The features are pooled batch by batch and cached (`features.pooled_features`): no split's tokens
+    are ever held in memory, which matters at full scale.
+    """
+    tr, te = (pooled_features(name, split, device=device) for split in (train, test))
+    if tr.cls is None:
+        raise SelaggError(f"{name} has no [cls] token, so this report's [cls] probes cannot run; compare its "
+                          "mean-pooled features (features.pooled_features) instead.")
     report = {}
-    for kind in ("cls", "mean"):
-        report[f"knn_{kind}"] = knn_accuracy(tr[kind], tr_y, te[kind], te_y)
-        report[f"linear_{kind}"] = logistic_probe_accuracy(tr[kind], tr_y, te[kind], te_y)
+    for kind, a, b in (("cls", tr.cls, te.cls), ("mean", tr.mean, te.mean)):
+        report[f"knn_{kind}"] = knn_accuracy(a, tr.labels, b, te.labels)
+        report[f"linear_{kind}"] = logistic_probe_accuracy(a, tr.labels, b, te.labels)
     return report
 
 

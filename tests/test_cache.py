@@ -113,12 +113,13 @@ def test_random_timm_weights_are_the_same_every_time():
 # ----------------------------------------------------------------------------- integrity
 def test_a_changed_entry_is_extracted_again_with_one_line(cache, data, capsys):
     first = feat.cached_tokens("tiny-random", data, progress=False)
+    expected = first.tokens.clone()  # loaded tokens map the file, and this test changes the file in place
     path = feat.entry_path(first.key)
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0x40  # one bit of one token
     path.write_bytes(bytes(raw))
     again = feat.cached_tokens("tiny-random", data, progress=False)
-    assert torch.equal(again.tokens, first.tokens)
+    assert torch.equal(again.tokens, expected)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checksum does not match" in err
     assert feat.read_entry(path)  # the rebuilt entry verifies
@@ -126,10 +127,11 @@ def test_a_changed_entry_is_extracted_again_with_one_line(cache, data, capsys):
 
 def test_a_truncated_entry_is_extracted_again(cache, data, capsys):
     first = feat.cached_tokens("tiny-random", data, progress=False)
+    expected = first.tokens.clone()  # the mapped pages of a truncated file cannot be read any more
     path = feat.entry_path(first.key)
     path.write_bytes(path.read_bytes()[:1000])
     again = feat.cached_tokens("tiny-random", data, progress=False)
-    assert torch.equal(again.tokens, first.tokens)
+    assert torch.equal(again.tokens, expected)
     assert f"The cache entry {path} is damaged (unreadable" in capsys.readouterr().err
 
 
@@ -148,7 +150,9 @@ def genuine(tmp_path_factory, data, model):
     folder = tmp_path_factory.mktemp("genuine")
     entry = feat.cached_tokens("tiny-random", data, directory=folder, model=model, progress=False)
     path = feat.entry_path(entry.key, folder)
-    return path, path.read_bytes(), entry
+    kept = feat.TokenSet(entry.tokens.clone(), entry.labels.clone(), entry.num_prefix_tokens, entry.has_cls,
+                         entry.grid_size, entry.key)  # in memory: the test rewrites the mapped file in place
+    return path, path.read_bytes(), kept
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -230,6 +234,19 @@ def test_a_disk_that_refuses_the_write_keeps_the_tokens(cache, data, file_size_l
     assert "File too large" in capsys.readouterr().err and list(cache.iterdir()) == []
 
 
+def test_a_disk_that_refuses_the_file_halfway_keeps_every_token(cache, data, file_size_limit, capsys):
+    with torch.no_grad():
+        expected = load_backbone("tiny-random").forward_features(data.images).half()
+    file_size_limit(100_000)  # room for the header, the labels and a batch and a half of tokens
+    try:
+        got = feat.cached_tokens("tiny-random", data, batch_size=4, progress=False)
+    finally:
+        file_size_limit(None)
+    assert torch.equal(got.tokens, expected) and torch.equal(got.labels, data.labels)  # written part read back
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "File too large" in err and list(cache.iterdir()) == []
+
+
 def test_orphaned_temporary_files_are_removed_and_live_ones_kept(cache, data):
     cache.mkdir(parents=True)
     dead = cache / f".abc.safetensors.{host_tag()}-999999999.x1.tmp"  # no process has this id
@@ -276,9 +293,10 @@ def test_an_image_folder_is_keyed_by_its_files(tmp_path):
 def test_large_entries_are_verified_once_and_again_after_any_change(cache, data, monkeypatch, capsys):
     monkeypatch.setattr(feat, "VERIFY_EVERY_LOAD_BYTES", 0)  # every entry counts as large here
     first = feat.cached_tokens("tiny-random", data, progress=False)
+    expected = first.tokens.clone()  # the file is changed in place below, and loaded tokens map it
     checks = []
-    real = feat.entry_checksum
-    monkeypatch.setattr(feat, "entry_checksum", lambda *a: checks.append(1) or real(*a))
+    real = feat.file_checksum
+    monkeypatch.setattr(feat, "file_checksum", lambda *a: checks.append(1) or real(*a))
     feat.cached_tokens("tiny-random", data, progress=False)
     feat.cached_tokens("tiny-random", data, progress=False)
     assert len(checks) == 1  # verified on the first load only
@@ -289,4 +307,4 @@ def test_large_entries_are_verified_once_and_again_after_any_change(cache, data,
     with open(path, "r+b") as f:  # changed in place: same inode and size, a new mtime
         f.write(bytes(raw))
     again = feat.cached_tokens("tiny-random", data, progress=False)
-    assert torch.equal(again.tokens, first.tokens) and "checksum does not match" in capsys.readouterr().err
+    assert torch.equal(again.tokens, expected) and "checksum does not match" in capsys.readouterr().err

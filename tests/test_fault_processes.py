@@ -44,15 +44,12 @@ feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
 """
 
 STALL_IN_WRITE = """
-from safetensors.torch import save
-def half_then_stall(tensors, filename, metadata=None):
-    raw = save(tensors, metadata=metadata)
-    with open(filename, "wb") as f:
-        f.write(raw[: len(raw) // 2])
-        f.flush()
-        os.fsync(f.fileno())
-    signal_and_wait("writing")
-feat.save_file = half_then_stall
+real_replace = os.replace
+def stall_before_the_final_name(src, dst):  # the entry is written, under its temporary name
+    if str(dst).endswith(".safetensors"):
+        signal_and_wait("writing")
+    return real_replace(src, dst)
+os.replace = stall_before_the_final_name
 feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
 """
 
@@ -135,7 +132,8 @@ def killed(tmp_path_factory, expected):
         wait_for([markers / name for name in procs], list(procs.values()))
     finally:  # the fault itself, and the cleanup should the wait fail
         for proc in procs.values():
-            os.kill(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:  # still running (a child that ended early is already reaped)
+                os.kill(proc.pid, signal.SIGKILL)
             proc.wait()  # reaped: its process id is free again
             proc.stdout.close(), proc.stderr.close()
     return caches, {name: proc.pid for name, proc in procs.items()}

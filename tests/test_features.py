@@ -61,16 +61,27 @@ def test_key_depends_on_split_size_and_block(data):
     assert len(k["sha256"]) == 64
 
 
-def test_killed_extraction_leaves_nothing_loadable(cache, data, monkeypatch):
-    def dies_halfway(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed-temporary", "named-temporary"])
+def test_interrupted_extraction_leaves_nothing_loadable(cache, data, monkeypatch, unnamed):
+    if unnamed and not feat.UNNAMED_TEMPORARIES:
+        pytest.skip("this system has no unnamed temporary files (O_TMPFILE)")
+    monkeypatch.setattr(feat, "UNNAMED_TEMPORARIES", unnamed)
+    real, calls = feat.tokens_after, []
 
-    monkeypatch.setattr(feat, "save_file", dies_halfway)
+    def interrupted_on_third_batch(*args, **kwargs):  # Ctrl-C after two batches went into the entry file
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(feat, "tokens_after", interrupted_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        feat.cached_tokens("tiny-random", data, progress=False)
-    assert list(cache.glob("*.safetensors")) == [] and os.listdir(cache) == []
+        feat.cached_tokens("tiny-random", data, batch_size=8, progress=False)
+    assert len(calls) == 3 and os.listdir(cache) == []  # no entry, no temporary file, no lock
+    monkeypatch.setattr(feat, "tokens_after", real)
+    with torch.no_grad():
+        expected = load_backbone("tiny-random").forward_features(data.images).half()
+    assert torch.equal(feat.cached_tokens("tiny-random", data, batch_size=8, progress=False).tokens, expected)
 
 
 def test_entry_with_another_key_is_refused(cache, data):
@@ -88,6 +99,13 @@ def test_unknown_block_raises(cache, data):
 
 
 def test_token_set_views(cache, data):
-    ts = feat.cached_tokens("tiny-random", data, progress=False)
+    ts = feat.cached_tokens("tiny-random", data, progress=False)  # mapped from its file
     assert ts.cls.shape == (24, 128) and ts.mean_patches.shape == (24, 128) and ts.patches.shape == (24, 64, 128)
     assert len(ts.subset(torch.arange(5))) == 5
+    with torch.no_grad():
+        full = load_backbone("tiny-random").forward_features(data.images).half()
+    index = torch.tensor([3, 0, 17])
+    sub = ts.subset(index)
+    assert torch.equal(sub.tokens, full[index]) and torch.equal(sub.labels, data.labels[index])
+    assert torch.equal(ts.cls, full[:, 0].float()) and torch.equal(ts.patches, full[:, 1:])
+    assert torch.equal(ts.mean_patches, full[:, 1:].float().mean(1))
