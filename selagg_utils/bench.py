@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import ScaleSettings, half_dtype
 from .errors import SelaggError
 
 #: Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets: bf16, or fp16 on
@@ -145,10 +146,8 @@ def lookup_peak(gpu_name: str) -> float | None:
 
 
 def half_precision(device: torch.device) -> str:
-    """'bf16' where the device runs it (CPUs, Ampere and newer GPUs), else 'fp16'."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return "bf16"
+    """'fp16' on a CUDA GPU without native bf16 (`config.half_dtype`: a T4 only emulates it), else 'bf16' (CPUs too)."""
+    return "fp16" if half_dtype(device) is torch.float16 else "bf16"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -446,9 +445,12 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 def measure_compiled(step: str, model: nn.Module, images: torch.Tensor, precision: str, *, name: str = "",
                      versus: BenchRow | None = None, warmup: int = 2, repeats: int = 10, peak: float | None = None,
-                     compiler: Callable[[nn.Module], nn.Module] | None = None) -> tuple[BenchRow, nn.Module | None]:
-    """Compile the model (timed apart), then time its forward like `measure_forward`; a skipped row if it cannot compile."""
+                     compiler: Callable[[nn.Module], nn.Module] | None = None,
+                     skip: str = "") -> tuple[BenchRow, nn.Module | None]:
+    """Compile (timed apart), then time like `measure_forward`; a skipped row if it cannot compile or `skip` gives why not."""
     device = images.device
+    if skip:
+        return failed_row(step, device, len(images), f"skipped: {skip}", model=name, precision=precision), None
     compiled, seconds, reason = compile_model(model, lambda m: forward_fn(m, images, precision)(), device, compiler)
     if compiled is None:
         return failed_row(step, device, len(images), f"skipped: {reason}", model=name, precision=precision), None
@@ -792,6 +794,36 @@ def backbone_ladder(model: nn.Module, device: torch.device, batch_size: int, *, 
             rows += sweep_batch_sizes(best_model, sizes, device, fast, name=name, step=f"{best.step}, batch",
                                       repeats=max(3, repeats // 2), warmup=warmup, peak=peak, versus=best)
     return rows
+
+
+@dataclass(frozen=True)
+class LadderSizes:
+    """How much chapter 07 times: images per call, calls per step, the sweep, probe batches and epochs, compilation."""
+
+    batch: int
+    repeats: int
+    warmup: int
+    sweep: tuple[int, ...]
+    probe_steps: int
+    probe_repeats: int
+    compiled_sweep: bool  # the sweep reuses the compiled model, compiling again for each new batch size
+    skip_compile: str = ""  # why the compile step is left out ("" compiles)
+    quick: bool = False
+
+
+#: The tiny scale's sizes, the full ladder (a GPU without an image cap), and the quick rehearsal at full scale.
+TINY_SIZES = LadderSizes(64, 5, 2, (8, 32, 128), 4, 3, compiled_sweep=False)
+FULL_SIZES = LadderSizes(512, 20, 2, (64, 128, 256, 512, 1024, 2048), 10, 3, compiled_sweep=True)
+QUICK_SIZES = LadderSizes(2, 3, 1, (1, 2), 2, 2, compiled_sweep=False, skip_compile="quick rehearsal", quick=True)
+
+
+def ladder_sizes(settings: ScaleSettings, device: torch.device | str) -> LadderSizes:
+    """Chapter 07's sizes: tiny, the full ladder, or the quick rehearsal at full scale with an image cap or on a CPU."""
+    if settings.scale != "full":
+        return TINY_SIZES
+    if settings.n_train is None and torch.device(device).type != "cpu":
+        return FULL_SIZES
+    return QUICK_SIZES
 
 
 def fastest_precision(rows: list[BenchRow]) -> str:

@@ -239,6 +239,15 @@ def test_missing_cpp_compiler_skips_compilation(monkeypatch, small_vit):
     assert compiled is None and row.status == f"skipped: {reason}"
 
 
+def test_a_reason_to_skip_gives_a_skipped_row_without_compiling(small_vit):
+    def refuse(model):
+        raise AssertionError("must not compile")
+
+    images = bench.random_images(small_vit, 2, CPU)
+    row, compiled = bench.measure_compiled("compiled", small_vit, images, "fp32", compiler=refuse, skip="a rehearsal")
+    assert compiled is None and row.status == "skipped: a rehearsal"
+
+
 def test_missing_dynamo_support_skips_compilation(monkeypatch):
     import torch._dynamo
 
@@ -263,6 +272,30 @@ def test_backbone_ladder_goes_on_when_compilation_fails(small_vit):
     assert [r.step for r in rows][:4] == ["fp32 eager", "bf16 autocast", f"{fast} explicit attention", f"{fast} compiled"]
     assert rows[3].status.startswith("skipped") and rows[4].ok and rows[4].batch_size == 2
     assert rows[1].versus == "fp32 eager" and rows[2].versus == base and rows[4].precision == fast
+
+
+def test_half_precision_follows_the_books_one_rule(monkeypatch):
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert bench.half_precision(gpu) == "fp16"  # a T4 only emulates bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert bench.half_precision(gpu) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert bench.half_precision(gpu) == "fp16" and bench.half_precision(CPU) == "bf16"  # CPUs autocast in bf16
+
+
+def test_ladder_sizes_shrink_with_an_image_cap_or_on_a_cpu_at_full_scale(monkeypatch):
+    from selagg_utils import config
+
+    monkeypatch.delenv(config.MAX_IMAGES_VAR, raising=False)
+    full, gpu = config.settings("full"), torch.device("cuda")
+    assert bench.ladder_sizes(config.settings("tiny"), CPU) == bench.ladder_sizes(config.settings("tiny"), gpu)
+    assert bench.ladder_sizes(full, gpu) == bench.FULL_SIZES and not bench.FULL_SIZES.quick
+    assert bench.ladder_sizes(full, CPU).quick
+    monkeypatch.setenv(config.MAX_IMAGES_VAR, "40")
+    assert bench.ladder_sizes(config.settings("full"), gpu).quick
+    assert bench.QUICK_SIZES.batch in bench.QUICK_SIZES.sweep and bench.QUICK_SIZES.skip_compile
+    assert not bench.FULL_SIZES.skip_compile and not bench.TINY_SIZES.skip_compile
 
 
 def test_fastest_precision_picks_the_faster_of_fp32_and_autocast():
