@@ -164,9 +164,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | bool | None):
-    """The autocast context: bf16 on CUDA by default, off on CPU unless a dtype is given."""
+    """The autocast context: by default the device's native half precision (config.half_dtype: bf16, or fp16
+    on a GPU that only emulates bf16), off on CPU; or the dtype given (False: off)."""
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else False
+        from .config import half_dtype
+
+        dtype = half_dtype(device) or False
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
@@ -408,7 +411,7 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
     """The statistics of STATISTICS, averaged over every image the loader yields, reduced batch by batch.
 
     Batches are images, (images, labels) or (images, labels, object masks); masks are used when
-    present unless `object_masks=False`. `autocast=None` means bf16 on CUDA and full precision on CPU.
+    present unless `object_masks=False`. `autocast=None` means the GPU's native half precision (bf16, fp16 on a T4) and full precision on CPU.
     """
     layout, depth = token_layout(model), len(model.blocks)
     if isinstance(loader, torch.utils.data.Dataset):

@@ -103,9 +103,19 @@ def ridge_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.
     return ((xt @ w).argmax(-1) == test_labels).double().mean(-1).float()
 
 
-def position_accuracy(train: TokenSet, test: TokenSet, alpha: float = 1.0, chunk: int = 16) -> torch.Tensor:
-    """Least-squares probe accuracy of every single patch position on its own, as a (rows, cols) map."""
+#: Bytes of float64 working copies one chunk of position probes may take (they are made about three times).
+POSITION_CHUNK_BYTES = 256 << 20
+
+
+def position_accuracy(train: TokenSet, test: TokenSet, alpha: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """Least-squares probe accuracy of every single patch position on its own, as a (rows, cols) map.
+
+    Positions are solved `chunk` at a time; by default as many as fit POSITION_CHUNK_BYTES (16 at most),
+    so that a full-scale split never needs a float64 copy of all its patch tokens.
+    """
     n = train.patches.shape[1]
+    per_position = 3 * 8 * (len(train) + len(test)) * train.dim
+    chunk = chunk or max(1, min(16, POSITION_CHUNK_BYTES // per_position))
     accs = [ridge_accuracy(train.patches[:, i:i + chunk].float().transpose(0, 1), train.labels,
                            test.patches[:, i:i + chunk].float().transpose(0, 1), test.labels, alpha,
                            num_classes=max(train.num_classes, test.num_classes))

@@ -182,3 +182,15 @@ def test_knn_logistic_and_ridge_agree_on_separable_data():
 def test_unknown_optimizer_raises():
     with pytest.raises(SelaggError, match="Unknown optimizer"):
         train_probe("cls", toy(32, 0), toy(32, 1), recipe=ProbeRecipe(optimizer="sgd", epochs=1, lrs=(1.0,)))
+
+
+def test_position_probes_in_small_chunks_equal_one_large_chunk():
+    """The chunk size bounds memory only: every position's accuracy is the same whatever it is."""
+    from selagg_utils.probing import position_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(60, 1 + 16, 8, generator=g).half()
+    labels = torch.arange(60) % 3
+    train, test = TokenSet(tokens[:40], labels[:40], 1, True, (4, 4)), TokenSet(tokens[40:], labels[40:], 1, True, (4, 4))
+    assert torch.equal(position_accuracy(train, test, chunk=1), position_accuracy(train, test, chunk=16))
+    assert position_accuracy(train, test).shape == (4, 4)
