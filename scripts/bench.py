@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from selagg_utils import bench
+        from selagg_utils import bench, bench_report, devices
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = bench.resolve_device(args.device)
+        device = devices.resolve_device(args.device)
         sizes = sweep_sizes(args.sweep if args.sweep is not None else DEFAULT_SWEEP.get(device.type, ""))
         rows = bench.run_ladder(args.model, device, args.batch_size, args.steps, compile=not args.no_compile,
                                 sweep=sizes, probe=not args.no_probe, probe_steps=args.probe_steps,
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except SelaggError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    bench.show(rows)
-    path = args.csv or Path(f"bench_{slug(args.model)}_{slug(bench.device_name(device))}.csv")
+    bench_report.show(rows)
+    path = args.csv or Path(f"bench_{slug(args.model)}_{slug(devices.device_name(device))}.csv")
     print(f"wrote {bench.write_csv(rows, path)}")
     return 0
 

@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from selagg_utils import attention, config, data, models  # noqa: E402
+from selagg_utils import attention, config, data, devices, models  # noqa: E402
 from selagg_utils.errors import SelaggError  # noqa: E402
+from selagg_utils.timing import peak_memory, wall_and_cpu_seconds  # noqa: E402
 
 MODES = ("forward", "statistics")
 
@@ -59,7 +59,7 @@ def test_loader(dataset_name: str, n_images: int, batch_size: int) -> DataLoader
 def plain_forward(model: torch.nn.Module, loader: DataLoader) -> None:
     """One forward pass over the loader, as feature extraction does it (fused attention, autocast on CUDA)."""
     dev = next(model.parameters()).device
-    with attention.autocast_context(dev, None):
+    with devices.autocast(dev):
         for batch in loader:
             model.forward_features(batch[0].to(dev))
 
@@ -71,11 +71,6 @@ def run(mode: str, model: torch.nn.Module, loader: DataLoader) -> None:
         attention.attention_statistics(model, loader, progress=False)
 
 
-def synchronize(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def timings(model: torch.nn.Module, loader: DataLoader, repeats: int) -> dict[str, float]:
     """Median wall and process-CPU seconds per pass for each mode, interleaved so both see the same load."""
     dev = next(model.parameters()).device
@@ -85,41 +80,28 @@ def timings(model: torch.nn.Module, loader: DataLoader, repeats: int) -> dict[st
     times: dict[str, list[float]] = {f"{k}{m}": [] for m in MODES for k in ("", "cpu_")}
     for _ in range(repeats):
         for mode in MODES:
-            synchronize(dev)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            run(mode, model, loader)
-            synchronize(dev)
-            times[mode].append(time.perf_counter() - start)
-            times[f"cpu_{mode}"].append(time.process_time() - cpu_start)
+            wall, cpu = wall_and_cpu_seconds(lambda: run(mode, model, loader), dev)
+            times[mode].append(wall)
+            times[f"cpu_{mode}"].append(cpu)
     return {m: statistics.median(t) for m, t in times.items()}
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def peak_memory(mode: str, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Peak growth of resident memory (and of CUDA allocations) during one pass, in MiB."""
+def memory_growth(mode: str, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    """How far resident memory (and CUDA allocations) rose above their level at the start of one pass, in MiB."""
     dev = next(model.parameters()).device
     run(mode, model, [next(iter(loader))])  # warm-up: lazy initialisations are not the pass's memory
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    before = _rss_kib("VmRSS")
+    with peak_memory("cpu") as rss, peak_memory(dev) as allocated:
+        run(mode, model, loader)
+    if rss.growth_mb is None:
+        raise SelaggError("The resident-memory peak of a pass needs Linux's /proc/self/clear_refs; run on Linux.")
+    out = {"rss_mib": rss.growth_mb}
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        cuda_before = torch.cuda.memory_allocated(dev)
-    run(mode, model, loader)
-    synchronize(dev)
-    out = {"rss_mib": (_rss_kib("VmHWM") - before) / 1024}
-    if dev.type == "cuda":
-        out["cuda_mib"] = (torch.cuda.max_memory_allocated(dev) - cuda_before) / 2**20
+        out["cuda_mib"] = allocated.growth_mb
     return out
 
 
 def memory_in_fresh_process(args: argparse.Namespace, mode: str, size: int) -> dict[str, float]:
-    """peak_memory measured in a new interpreter, so that no earlier pass has warmed the allocator."""
+    """memory_growth measured in a new interpreter, so that no earlier pass has warmed the allocator."""
     cmd = [sys.executable, __file__, "--measure-memory", mode, str(size), "--batch-size", str(args.batch_size),
            "--model", args.model] + (["--threads", str(args.threads)] if args.threads else []) + \
           (["--device", args.device] if args.device else [])
@@ -157,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         model = models.load_backbone(args.model, device=config.device(args.device))
         if args.measure_memory:
             mode, size = args.measure_memory[0], int(args.measure_memory[1])
-            print(json.dumps(peak_memory(mode, model, test_loader(settings.dataset, size, args.batch_size))))
+            print(json.dumps(memory_growth(mode, model, test_loader(settings.dataset, size, args.batch_size))))
             return 0
         rows = []
         for size in args.sizes:

@@ -21,10 +21,8 @@ it is smaller.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +33,7 @@ from safetensors import safe_open  # noqa: E402
 from selagg_utils import features  # noqa: E402
 from selagg_utils.data import load_dataset  # noqa: E402
 from selagg_utils.features import TokenSet  # noqa: E402
+from selagg_utils.timing import median_seconds  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,25 +75,14 @@ def plain_load(path: Path) -> dict[str, torch.Tensor]:
         return {name: f.get_tensor(name).clone() for name in ("tokens", "labels")}
 
 
-def median_seconds(run, repeats: int) -> float:
-    """Median wall time of `run` over `repeats` calls, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(name: str, entry: TokenSet, folder: Path, repeats: int) -> list[str]:
     """One row: entry size, load, checksum, verified load, and the checksum's share of the verified load."""
     path = folder / f"{name}.safetensors"
     features.save_entry(path, entry)
     state, meta = features.read_entry(path)
-    load = median_seconds(lambda: plain_load(path), repeats)
-    check = median_seconds(lambda: features.entry_checksum(state, meta), repeats)
-    verified = median_seconds(lambda: features.read_entry(path), repeats)
+    load = median_seconds(lambda: plain_load(path), "cpu", repeats)
+    check = median_seconds(lambda: features.entry_checksum(state, meta), "cpu", repeats)
+    verified = median_seconds(lambda: features.read_entry(path), "cpu", repeats)
     size = path.stat().st_size
     path.unlink()
     return [name, f"{len(entry):,}", f"{size / 1e9:.2f}", f"{load:.3f}", f"{check:.3f}", f"{verified:.3f}",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -75,18 +74,9 @@ class AnonPeak:
 
 def anon_rss() -> int:
     """This process's anonymous resident memory in bytes (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from selagg_utils.timing import status_kib
 
-
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes (ru_maxrss is in kB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (status_kib("RssAnon") or 0) * 1024
 
 
 def old_extraction(dataset, batch_size: int, path: Path) -> None:
@@ -107,27 +97,33 @@ def child(args: argparse.Namespace) -> dict:
     from selagg_utils import features
     from selagg_utils.data import image_folder
     from selagg_utils.models import load_backbone
+    from selagg_utils.timing import lifetime_peak_rss_bytes, seconds
 
     dataset = image_folder(Path(args.root) / "imagenette2-160", "train")
-    sampler, start, out = AnonPeak(), time.perf_counter(), {"images": len(dataset)}
-    if args.child == "baseline":
-        load_backbone(BACKBONE)
-    elif args.child == "extract":
-        entry = features.cached_tokens(BACKBONE, dataset, batch_size=args.batch_size, directory=args.cache,
-                                       progress=False)
-        out["entry_bytes"] = features.entry_path(entry.key, args.cache).stat().st_size
-    elif args.child == "load":
-        extract = features.extract_blocks
-        features.extract_blocks = lambda *a, **k: sys.exit("the entry was not in the cache")
-        entry = features.cached_tokens(BACKBONE, dataset, directory=args.cache, progress=False)
-        features.extract_blocks = extract
-        mean = entry.mean_patches
-        out["mean_finite"] = bool(torch.isfinite(mean).all())
-    else:
-        path = Path(args.cache) / "old.safetensors"
-        old_extraction(dataset, args.batch_size, path)
-        out["entry_bytes"] = path.stat().st_size
-    out.update(seconds=time.perf_counter() - start, peak_rss=peak_rss(), peak_anon=sampler.stop())
+    out = {"images": len(dataset)}
+
+    def run() -> None:
+        if args.child == "baseline":
+            load_backbone(BACKBONE)
+        elif args.child == "extract":
+            entry = features.cached_tokens(BACKBONE, dataset, batch_size=args.batch_size, directory=args.cache,
+                                           progress=False)
+            out["entry_bytes"] = features.entry_path(entry.key, args.cache).stat().st_size
+        elif args.child == "load":
+            extract = features.extract_blocks
+            features.extract_blocks = lambda *a, **k: sys.exit("the entry was not in the cache")
+            entry = features.cached_tokens(BACKBONE, dataset, directory=args.cache, progress=False)
+            features.extract_blocks = extract
+            mean = entry.mean_patches
+            out["mean_finite"] = bool(torch.isfinite(mean).all())
+        else:
+            path = Path(args.cache) / "old.safetensors"
+            old_extraction(dataset, args.batch_size, path)
+            out["entry_bytes"] = path.stat().st_size
+
+    sampler = AnonPeak()
+    out["seconds"] = seconds(run, "cpu")
+    out.update(peak_rss=lifetime_peak_rss_bytes(), peak_anon=sampler.stop())
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,8 +25,9 @@ from selagg_utils import SelaggError, config  # noqa: E402
 from selagg_utils.data import load_dataset  # noqa: E402
 from selagg_utils.features import cached_tokens  # noqa: E402
 from selagg_utils.models import load_backbone, tiny_checkpoint_path  # noqa: E402
-from selagg_utils.probing import (ProbeRecipe, ProbeStack, fit_stack, new_head, probe_accuracy,  # noqa: E402
-                                  training_source)
+from selagg_utils.probing import ProbeRecipe, fit_stack, probe_accuracy, probe_head  # noqa: E402
+from selagg_utils.stacking import ProbeStack, training_source  # noqa: E402
+from selagg_utils.timing import seconds  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,12 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work so that timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def epoch_seconds(settings: list[tuple], labels: torch.Tensor, repeats: int, device: torch.device) -> list[float]:
     """Median wall time of one training epoch for each (make_stack, source_for, recipe) setting.
 
@@ -63,12 +57,10 @@ def epoch_seconds(settings: list[tuple], labels: torch.Tensor, repeats: int, dev
         for i, (make_stack, source_for, recipe) in enumerate(settings):
             stack = make_stack()
             tokens_of = source_for(stack)
-            sync(device)
-            start = time.perf_counter()
-            fit_stack(stack, tokens_of, labels, replace(recipe, epochs=1, warmup_epochs=0), seed=r)
-            sync(device)
+            took = seconds(lambda: fit_stack(stack, tokens_of, labels, replace(recipe, epochs=1, warmup_epochs=0),
+                                             seed=r), device)
             if r:
-                times[i].append(time.perf_counter() - start)
+                times[i].append(took)
     return [statistics.median(t) for t in times]
 
 
@@ -85,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"n_images": args.n_train or S.n_train} if S.dataset == "cluttered-digits" else {}
     train_set = load_dataset(S.dataset, "train", **kwargs)
     test_set = load_dataset(S.dataset, "test", **({"n_images": S.n_eval} if kwargs else {}))
-    start = time.perf_counter()
-    train = cached_tokens(name, train_set, batch_size=S.batch_size, device=device, progress=False)
-    test = cached_tokens(name, test_set, batch_size=S.batch_size, device=device, progress=False)
-    load_s = time.perf_counter() - start
+    entries = {}
+
+    def load_entries() -> None:
+        for split, dataset in (("train", train_set), ("test", test_set)):
+            entries[split] = cached_tokens(name, dataset, batch_size=S.batch_size, device=device, progress=False)
+
+    load_s = seconds(load_entries, device)
+    train, test = entries["train"], entries["test"]
     backbone = load_backbone(name, device=device)
     images = torch.stack([train_set[i][0] for i in range(len(train_set))]) if not hasattr(train_set, "images") \
         else train_set.images
@@ -107,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = train.num_classes
 
     def stack_for(recipe: ProbeRecipe):
-        return lambda: ProbeStack.copies(new_head(args.head, train, num_classes, 0), len(recipe.lrs)).to(device)
+        return lambda: ProbeStack.copies(probe_head(args.head, train, num_classes, 0), len(recipe.lrs)).to(device)
 
     settings = [("online (backbone every step)", lambda stack: online, one),
                 ("cached tokens", cached, one),
@@ -121,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(recipe.lrs) == 1:
             stack = stack_for(recipe)()
             fit_stack(stack, source_for(stack), train.labels, recipe, seed=0)
-            stack.prepooled = False
+            stack.reading_pooled(False)
             acc = probe_accuracy(stack.heads[0].cpu(), test)
         rows.append((label, len(recipe.lrs), sec, acc))
 

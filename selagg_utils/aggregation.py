@@ -4,11 +4,16 @@ Tokens come as a ViT emits them: `num_prefix_tokens` prefix tokens first ([cls] 
 model has one, then register tokens), then the patch tokens in raster order. Every head returns
 `(pooled, weights)` where `weights` is (B, T) over *all* input tokens and sums to 1 per image; tokens
 a head does not pool (registers, and [cls] unless asked for) get weight 0.
+
+Heads are built by name with `make_head`; the names, their classes and options are the registry
+`HEAD_KINDS` (listed at the end of this docstring). Training many copies of a head at once is the
+job of `stacking`; training probes, of `probing`.
 """
 from __future__ import annotations
 
 import inspect
 import numbers
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -18,8 +23,9 @@ from timm.layers import Attention, AttentionPoolLatent, build_sincos2d_pos_embed
 from .checks import whole_number
 from .errors import SelaggError
 
-HEADS = ("cls", "mean", "abmilp", "abmilp-tanh", "abmilp-relu", "abmilp-gated", "abmilp-sa", "abmilp-pos",
-         "abmilp-cls", "attentive")
+__all__ = ["Aggregator", "ClsPool", "MeanPool", "AbMILP", "AttentivePool", "HeadKind", "HEAD_KINDS", "HEADS",
+           "make_head", "head_layout", "describe_heads", "check_tokens", "check_mask", "masked_softmax",
+           "negligible_grad_dropped", "NEGLIGIBLE", "patch_weights", "localisation_score", "uniform_localisation"]
 
 
 class Aggregator(nn.Module):
@@ -142,39 +148,6 @@ def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return F.threshold(weights, NEGLIGIBLE, 0.0)
 
 
-class _SoftmaxPooled(torch.autograd.Function):
-    """Softmax over tokens, then the weighted sum of the tokens, with a backward laid out for speed.
-
-    scores (S, L, B, T), tokens (S, B, T, D) -> pooled (S, B, L, D). Weights below 1e-30 are set to
-    0 before they are used or saved (see `masked_softmax`), so no denormal float enters the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        weights = F.threshold(scores.softmax(dim=-1), NEGLIGIBLE, 0.0)  # (S, L, B, T)
-        ctx.save_for_backward(weights, tokens)
-        ctx.scores_dtype = scores.dtype
-        return weights.transpose(1, 2) @ tokens
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        weights, tokens = ctx.saved_tensors
-        low = grad.dtype  # the products run in the dtype the forward's product had (bf16 under autocast)
-        grad_scores = grad_tokens = None
-        if ctx.needs_input_grad[0]:  # tokens @ grad^T: a faster product on a CPU than grad @ tokens^T
-            grad_weights = (tokens.to(low) @ grad.transpose(-1, -2)).permute(0, 3, 1, 2).to(weights.dtype)
-            grad_scores = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
-            grad_scores = grad_scores.to(ctx.scores_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_tokens = (weights.to(low).permute(0, 2, 3, 1) @ grad).to(tokens.dtype)
-        return grad_scores, grad_tokens
-
-
-def softmax_pooled(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens (S, B, T, D) pooled with softmax(scores) over T, scores (S, L, B, T): pooled (S, B, L, D)."""
-    return _SoftmaxPooled.apply(scores, tokens)
-
-
 class ClsPool(Aggregator):
     """The [cls] token itself (the usual linear-probe input)."""
 
@@ -273,64 +246,6 @@ class AbMILP(Aggregator):
         weights = masked_softmax(self.scores(tokens), _keep(self, tokens, mask, self.include_cls))
         return torch.einsum("bt,btd->bd", weights, tokens), weights
 
-    def can_stack(self) -> bool:
-        """Whether copies of this head can be computed in one batched call (all but the self-attention variant)."""
-        return self.mix is None
-
-    def pool_stacked(self, copies: list["AbMILP"], tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Pooled features of K copies of this head in one batched call, (K, B, D).
-
-        `tokens` is (B, T, D), shared by all copies, or (S, B, T, D): S groups of K / S consecutive copies,
-        each group with its own batch. `mask` is (B, T) or None.
-        """
-        x = tokens if tokens.ndim == 4 else tokens[None]  # (S, B, T, D)
-        h = x
-        if self.pos_embed is not None:
-            pad = h.new_zeros(self.num_prefix_tokens, h.shape[-1])
-            h = h + torch.cat([pad, self.pos_embed.to(h.dtype)])
-        for i, layer in enumerate(self.body):
-            h = _stacked_linear(h, [c.body[i] for c in copies]) if isinstance(layer, nn.Linear) else layer(h)
-        if self.gated:
-            h = torch.tanh(_stacked_linear(h, [c.value for c in copies])) * \
-                torch.sigmoid(_stacked_linear(h, [c.gate for c in copies]))
-        if h.ndim == 4:  # one linear scorer on the tokens themselves: scores come out as (S, L, B, T)
-            scores = _stacked_scores(h, torch.stack([c.score.weight for c in copies]),
-                                     torch.stack([c.score.bias for c in copies]))
-        else:
-            scores = _stacked_linear(h, [c.score for c in copies]).squeeze(-1).permute(0, 3, 1, 2)
-        keep = self.pooled_positions(x.shape[2], self.include_cls).to(x.device)
-        keep = keep if mask is None else keep & mask
-        return _copies_first(softmax_pooled(scores.masked_fill(~keep, float("-inf")), x))
-
-
-def _stacked_linear(x: torch.Tensor, layers: list) -> torch.Tensor:
-    """K linear layers in S groups of L: x (S, B, T, I) per group or (S, B, T, L, I) per copy -> (S, B, T, L, O)."""
-    w = torch.stack([layer.weight for layer in layers])  # (K, O, I)
-    b = torch.stack([layer.bias for layer in layers])  # (K, O)
-    s, k, (o, i) = x.shape[0], len(layers), w.shape[1:]
-    w, b = w.reshape(s, k // s, o, i), b.reshape(s, k // s, o)
-    if x.ndim == 4:  # one matmul per group: (S, B*T, I) @ (S, I, L*O)
-        out = (x.reshape(s, -1, i) @ w.permute(0, 3, 1, 2).reshape(s, i, -1)).reshape(*x.shape[:3], k // s, o)
-    else:
-        out = torch.einsum("sbtli,sloi->sbtlo", x, w)
-    return out + b[:, None, None]
-
-
-def _stacked_scores(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """K affine scorers with O outputs, in S groups of L, on x (S, B, T, I): scores (S, L * O, B, T).
-
-    weight is (K, O, I), bias (K, O). Computed as W x^T, so that the weight gradient is the fast
-    (L * O, B * T) @ (B * T, I) product on a CPU.
-    """
-    s, (b, t, i), (k, o) = x.shape[0], x.shape[1:], bias.shape
-    w = weight.reshape(s, k // s * o, i)
-    return torch.baddbmm(bias.reshape(s, -1, 1), w, x.reshape(s, b * t, i).transpose(1, 2)).reshape(s, -1, b, t)
-
-
-def _copies_first(x: torch.Tensor) -> torch.Tensor:
-    """(S, B, L, ...) -> (K = S * L, B, ...)."""
-    return x.transpose(1, 2).flatten(0, 1)
-
 
 class AttentivePool(Aggregator):
     """Attentive probe: a learned query cross-attends to the patch tokens (timm's AttentionPoolLatent).
@@ -383,30 +298,6 @@ class AttentivePool(Aggregator):
             x = x + a.mlp(a.norm(x))
         return x, F.pad(attn.mean(1), (p, 0))
 
-    def can_stack(self) -> bool:
-        """Whether copies can be computed in one batched call (the attention-only head)."""
-        return self.attn.mlp is None and isinstance(self.attn.q_norm, nn.Identity)
-
-    def pool_stacked(self, copies: list["AttentivePool"], tokens: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-        """Pooled features of K attention-only copies in one batched call, (K, B, D); tokens as in AbMILP's."""
-        a, p = self.attn, self.num_prefix_tokens
-        patches = (tokens if tokens.ndim == 4 else tokens[None])[:, :, p:]  # (S, B, N, C)
-        groups, c, heads, hd = patches.shape[0], patches.shape[-1], a.num_heads, a.head_dim
-        k = len(copies)
-        q = torch.stack([x.attn.q(x.attn.latent[0, 0]) for x in copies]).reshape(k, heads, hd) * a.scale
-        kv_w = torch.stack([x.attn.kv.weight for x in copies]).reshape(k, 2, heads, hd, c)
-        kv_b = torch.stack([x.attn.kv.bias for x in copies]).reshape(k, 2, heads, hd)
-        u = torch.einsum("khd,khdc->khc", q, kv_w[:, 0])  # the query folded into the key projection
-        bias = torch.einsum("khd,khd->kh", q, kv_b[:, 0])
-        logits = _stacked_scores(patches, u, bias)  # (S, L * heads, B, N)
-        if mask is not None:
-            logits = logits.masked_fill(~mask[:, p:], float("-inf"))
-        mixed = softmax_pooled(logits, patches).reshape(groups, -1, k // groups, heads, c)  # (S, B, L, heads, C)
-        w_v = kv_w[:, 1].reshape(groups, k // groups, heads, hd, c)
-        out = torch.einsum("sblhc,slhdc->sblhd", mixed, w_v).flatten(3)  # (S, B, L, C)
-        return _copies_first(out) + kv_b[:, 1].reshape(k, 1, c)
-
     def pool_reference(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The same pooled features from timm's own forward (slower; kept to check `pool`)."""
         p = self.num_prefix_tokens
@@ -417,26 +308,59 @@ class AttentivePool(Aggregator):
         return self.attn(patches, attn_mask=bias[:, None, None, :])
 
 
+# ----------------------------------------------------------------------------- the heads by name
+@dataclass(frozen=True)
+class HeadKind:
+    """One registered head: its class, the options its name stands for, and one line for the docs."""
+
+    cls: type[Aggregator]
+    options: dict = field(default_factory=dict)
+    summary: str = ""
+
+
+#: Every head `make_head` builds, by name; errors and the module's docs read their lists from here.
+HEAD_KINDS: dict[str, HeadKind] = {
+    "cls": HeadKind(ClsPool, {}, "the [cls] token itself (the usual linear probe)"),
+    "mean": HeadKind(MeanPool, {}, "the average of the patch tokens"),
+    "abmilp": HeadKind(AbMILP, {}, "one linear score per patch token, softmax, weighted sum (the paper's head)"),
+    "abmilp-tanh": HeadKind(AbMILP, dict(depth=1, act="tanh"), "scores through a tanh hidden layer"),
+    "abmilp-relu": HeadKind(AbMILP, dict(depth=1, act="relu"), "scores through a ReLU hidden layer"),
+    "abmilp-gated": HeadKind(AbMILP, dict(gated=True), "Ilse et al.'s gated scorer"),
+    "abmilp-sa": HeadKind(AbMILP, dict(self_attention=True), "scores tokens mixed by one self-attention layer"),
+    "abmilp-pos": HeadKind(AbMILP, dict(pos_embed="sincos"), "2-D sin-cos position codes added to the scorer input"),
+    "abmilp-cls": HeadKind(AbMILP, dict(include_cls=True), "[cls] competes with the patches"),
+    "attentive": HeadKind(AttentivePool, {}, "a learned query attends to the patches (timm's AttentionPoolLatent)"),
+}
+HEADS = tuple(HEAD_KINDS)
+
+
+def describe_heads() -> str:
+    """One line per registered head: its name, class and options, and what it pools."""
+    return "\n".join(f"- {name}: {kind.cls.__name__}"
+                     f"{'(' + ', '.join(f'{k}={v!r}' for k, v in kind.options.items()) + ')' if kind.options else ''}"
+                     f": {kind.summary}" for name, kind in HEAD_KINDS.items())
+
+
+__doc__ += "\nThe registered heads (`HEAD_KINDS`):\n\n" + describe_heads() + "\n"
+
+
 def make_head(name: str, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True,
               grid_size: tuple[int, int] | None = None, **kwargs) -> Aggregator:
-    """A pooling head by name (see HEADS); extra keyword arguments go to its class."""
-    common = dict(dim=dim, num_prefix_tokens=num_prefix_tokens, has_cls=has_cls)
-    classes = {"cls": ClsPool, "mean": MeanPool, "attentive": AttentivePool}
-    check_head_options(name, classes.get(name, AbMILP), kwargs)
-    if name in classes:
-        return classes[name](**common, **kwargs)
-    variants = {"abmilp": {}, "abmilp-tanh": dict(depth=1, act="tanh"), "abmilp-relu": dict(depth=1, act="relu"),
-                "abmilp-gated": dict(gated=True), "abmilp-sa": dict(self_attention=True),
-                "abmilp-pos": dict(pos_embed="sincos", grid_size=grid_size), "abmilp-cls": dict(include_cls=True)}
-    if name not in variants:
-        raise SelaggError(f"Unknown pooling head {name!r}; choose one of {', '.join(HEADS)}.")
-    return AbMILP(**common, **{**variants[name], **kwargs})
+    """A pooling head by name (see HEAD_KINDS); extra keyword arguments go to its class."""
+    if name not in HEAD_KINDS:
+        raise SelaggError(f"Unknown pooling head {name!r}; choose one of {', '.join(HEAD_KINDS)}.")
+    kind = HEAD_KINDS[name]
+    check_head_options(name, kind.cls, kwargs)
+    layout = dict(dim=dim, num_prefix_tokens=num_prefix_tokens, has_cls=has_cls)
+    if "grid_size" in inspect.signature(kind.cls.__init__).parameters:
+        layout["grid_size"] = grid_size
+    return kind.cls(**layout, **{**kind.options, **kwargs})
 
 
 def check_head_options(name: str, cls: type, options: dict) -> None:
     """Raise a SelaggError for keyword arguments the head would otherwise drop or fail on deep inside."""
     accepted = [p for p in inspect.signature(cls.__init__).parameters
-                if p not in ("self", "dim", "num_prefix_tokens", "has_cls")]
+                if p not in ("self", "dim", "num_prefix_tokens", "has_cls", "grid_size")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise SelaggError(f"The {name!r} head takes no option {', '.join(map(repr, unknown))}; it accepts "
@@ -444,13 +368,22 @@ def check_head_options(name: str, cls: type, options: dict) -> None:
                           "check the spelling or leave the option out.")
 
 
-def head_for_model(name: str, model: nn.Module, **kwargs) -> Aggregator:
-    """A pooling head sized for a timm ViT: its width, prefix tokens, [cls] and patch grid."""
-    from .models import has_cls_token, num_prefix_tokens, patch_grid
+def head_layout(source) -> dict:
+    """What `make_head` needs to know of some tokens (dim, prefixes, [cls], grid), from a TokenSet or a timm ViT."""
+    from .features import TokenSet
 
-    return make_head(name, model.embed_dim, num_prefix_tokens(model), has_cls_token(model), patch_grid(model), **kwargs)
+    if isinstance(source, TokenSet):
+        return source.head_kwargs()
+    if isinstance(source, nn.Module) and hasattr(source, "embed_dim") and hasattr(source, "patch_embed"):
+        from .models import has_cls_token, num_prefix_tokens, patch_grid
+
+        return dict(dim=source.embed_dim, num_prefix_tokens=num_prefix_tokens(source), has_cls=has_cls_token(source),
+                    grid_size=patch_grid(source))
+    raise SelaggError(f"A head's layout is read from a features.TokenSet or a timm ViT, got a {type(source).__name__}; "
+                      "pass one of those, or call make_head(name, dim, num_prefix_tokens, has_cls, grid_size).")
 
 
+# ----------------------------------------------------------------------------- where the weights fall
 def patch_weights(weights: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
     """The weights of the patch tokens on their grid, (B, rows, cols)."""
     return weights[:, num_prefix_tokens:].reshape(weights.shape[0], *grid_size)
@@ -469,4 +402,3 @@ def localisation_score(weights: torch.Tensor, object_masks: torch.Tensor, num_pr
 def uniform_localisation(object_masks: torch.Tensor) -> torch.Tensor:
     """The localisation score of uniform weights: the share of patches the object covers, (B,)."""
     return object_masks.reshape(len(object_masks), -1).float().mean(1)
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from . import devices
 from .checks import all_finite, check_finite_items
 from .errors import SelaggError
 from .progress import progress_bar
@@ -161,16 +162,6 @@ def _check_all_captured(seen: set[int], depth: int, model: VisionTransformer) ->
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | bool | None):
-    """The autocast context: by default the device's native half precision (config.half_dtype: bf16, or fp16
-    on a GPU that only emulates bf16), off on CPU; or the dtype given (False: off)."""
-    if dtype is None:
-        from .config import half_dtype
-
-        dtype = half_dtype(device) or False
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
 @contextmanager
@@ -429,7 +420,7 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
                 continue
             check_finite_items(images, "Image", acc.n_images, "remove or repair that image before measuring attention")
             acc.object_mask = None if mask is None else _check_mask(mask, layout)
-            with autocast_context(dev, autocast):
+            with devices.autocast(dev, autocast):
                 model.forward_features(images.to(dev, non_blocking=True))
             acc.n_images += len(images)
             _check_all_captured(acc.seen, depth, model)

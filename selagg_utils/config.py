@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import half_dtype, resolve_device
 from .errors import SelaggError
 
 SCALES = ("tiny", "full")
@@ -19,6 +20,9 @@ MAX_IMAGES_VAR = "SELAGG_MAX_IMAGES"
 MORE_VAR = "SELAGG_MORE_BACKBONES"
 #: DINOv2 with four registers (a joint-embedding model with register tokens) and I-JEPA (no [cls] token).
 MORE_BACKBONES = ("vit_base_patch14_reg4_dinov2.lvd142m", "vit_huge_patch14_gap_224.in1k_ijepa")
+
+__all__ = ["SCALES", "ENV_VAR", "MAX_IMAGES_VAR", "MORE_VAR", "MORE_BACKBONES", "scale", "ScaleSettings", "max_images",
+           "more_backbones", "settings", "device", "half_dtype", "seed_everything", "describe"]
 
 
 def scale(value: str | None = None) -> str:
@@ -79,34 +83,13 @@ def settings(value: str | None = None) -> ScaleSettings:
 
 
 def device(prefer: str | None = None, scale_name: str | None = None) -> torch.device:
-    """CUDA if present (or the device asked for), else CPU; a warning when the full scale would run on a CPU."""
-    if prefer:
-        try:
-            chosen = torch.device(prefer)
-        except RuntimeError:
-            raise SelaggError(f"Unknown device {prefer!r}; use 'cpu', 'cuda', 'cuda:0' or 'mps'.") from None
-    else:
-        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA if present, else CPU (or the device asked for, checked to exist); a warning when the full scale runs on a CPU."""
+    chosen = resolve_device(prefer or None)
     if chosen.type == "cpu" and scale(scale_name) == "full":
         warnings.warn("The full scale is running on a CPU: ViT-B/16 over Imagenette takes hours there. In Colab "
                       "choose Runtime > Change runtime type > GPU, or set SELAGG_MAX_IMAGES to a few hundred.",
                       stacklevel=2)
     return chosen
-
-
-def half_dtype(dev: torch.device | str) -> torch.dtype | None:
-    """The half precision a device runs natively: bfloat16 where it is native, else float16 on CUDA; None on CPU.
-
-    A T4 (compute capability 7.5) only emulates bfloat16, so it gets float16.
-    """
-    dev = torch.device(dev)
-    if dev.type != "cuda":
-        return None
-    try:
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch before 2.3 has no including_emulation and reports native support only
-        native_bf16 = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def seed_everything(seed: int = 0) -> None:

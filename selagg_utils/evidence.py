@@ -9,7 +9,7 @@ from .errors import SelaggError
 from .features import pooled_features
 from .models import tiny_checkpoint_path, tiny_vit
 from .pretrain import MaskedAutoencoder, hidden_patch_mse, mean_fill_baseline
-from .probing import knn_accuracy, logistic_probe_accuracy
+from .linear_eval import knn_accuracy, logistic_probe_accuracy
 
 
 def probe_report(name: str, train: Dataset, test: Dataset, device: str | torch.device = "cpu") -> dict[str, float]:

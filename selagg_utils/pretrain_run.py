@@ -1,7 +1,6 @@
 """One call that trains a tiny backbone and writes its checkpoint and manifest (used by scripts/)."""
 from __future__ import annotations
 
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from . import __version__
 from .checkpoints import save_checkpoint
 from .config import device as pick_device
+from .devices import device_name
 from .data import DigitStream, DigitsRecipe
 from .models import CHECKPOINT_DIR, TINY_CONFIG, tiny_vit
 from .pretrain import ContrastiveJEA, MaskedAutoencoder, train_steps
@@ -27,13 +27,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{__version__}+{commit}" if commit else __version__
-
-
-def device_name(dev: torch.device) -> str:
-    """A readable name of the device that trained the model."""
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, lr: float | None = None,

@@ -1,16 +1,15 @@
-"""Probes on frozen features: k-NN, linear classifiers, and pooling heads trained on cached tokens.
+"""Probe heads trained on cached tokens: the recipe, the training loop, low-shot, and the summaries of a sweep.
 
 `train_probe` follows MAE's linear-probing protocol (BatchNorm without affine, then Linear; LARS or
 AdamW; linear warm-up then cosine) and trains one copy of the head per learning rate *together*:
-every batch is read once and all copies are computed in one batched call (heads that cannot be
-batched run one after the other on the same batch), each copy with its own learning rate in its
-own optimizer parameter groups, all updated in one multi-tensor step. The learning rate is chosen
-on the val split and the chosen head is reported on the test split. `train_probes` adds seeds the
-same way, each with its own batches.
+every batch is read once and all copies are computed in one batched call (`stacking.ProbeStack`),
+each copy with its own learning rate in its own optimizer parameter groups, all updated in one
+multi-tensor step (`optim`). The learning rate is chosen on the val split and the chosen head is
+reported on the test split. `train_probes` adds seeds the same way, each with its own batches.
+Evaluations without a training loop (k-NN, logistic regression, least squares) are in `linear_eval`.
 """
 from __future__ import annotations
 
-import copy
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -19,112 +18,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 
-from .aggregation import Aggregator, make_head, negligible_grad_dropped
-from .checks import all_finite, first_nonfinite_item, notice, real_number, whole_number
+from .aggregation import Aggregator, head_layout, make_head
+from .checks import first_nonfinite_item, notice, real_number, whole_number
 from .errors import SelaggError
-from .progress import progress_bar
 from .features import TokenSet
+from .optim import OPTIMIZERS, make_optimizer
+from .progress import progress_bar
+from .stacking import ProbeStack, diverged_copies, stack_accuracy, training_source
+
+__all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "train_probes", "train_probe", "fit_stack",
+           "probe_accuracy", "head_weights", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
+           "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR"]
 
 
-def check_features(train: torch.Tensor, test: torch.Tensor) -> None:
-    """Raise a SelaggError for empty features or a feature row (image) with NaN or infinity."""
-    for split, x in (("train", train), ("test", test)):
-        if x.shape[-2] == 0:
-            raise SelaggError(f"The {split} features hold no images; pass at least one feature row per split.")
-        if not all_finite(x):
-            rows = x.reshape(-1, *x.shape[-2:]).isfinite().all(-1).logical_not().any(0)
-            raise SelaggError(f"The {split} features of image {int(rows.nonzero()[0, 0])} contain NaN or infinite "
-                              "values, which would make the accuracy meaningless; only finite features are "
-                              "accepted: extract them again from finite images, or leave that image out.")
-
-
-def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None) -> float:
-    """Weighted k-NN on cosine similarity (votes exp(sim / T), as in DINO's evaluation)."""
-    check_features(train, test)
-    whole_number(k, "k", 1, "k-NN votes with at least one neighbour (DINO uses 20)")
-    real_number(temperature, "temperature", 0, "votes are exp(similarity / T) with T > 0 (DINO uses 0.07)",
-                strictly=True)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1 if num_classes is None else num_classes
-    a, b = F.normalize(train.float(), dim=1), F.normalize(test.float(), dim=1)
-    sim, idx = (b @ a.T).topk(min(k, len(a)), dim=1)
-    votes = torch.zeros(len(b), num_classes).scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-    return float((votes.argmax(1) == test_labels).float().mean())
-
-
-def logistic_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
-                            test_labels: torch.Tensor, C: float = 1.0, max_iter: int = 200) -> float:
-    """Test accuracy of multinomial logistic regression on standardised features (L2 penalty 1 / (2 C n)).
-
-    The same model as scikit-learn's LogisticRegression(C), fitted with torch's full-batch L-BFGS,
-    which is much faster on a laptop CPU.
-    """
-    check_features(train, test)
-    real_number(C, "C", 0, "C is the inverse strength of the L2 penalty, finite and positive (1.0 by default)",
-                strictly=True)
-    whole_number(max_iter, "max_iter", 1, "L-BFGS needs at least one iteration (200 by default)")
-    # Clones: features and labels may come from inference mode, which autograd cannot use.
-    x, xt, y = train.double().clone(), test.double().clone(), train_labels.long().clone()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    x, xt = (x - mean) / std, (xt - mean) / std
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    linear = torch.nn.Linear(x.shape[1], num_classes, dtype=torch.float64)
-    torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(linear(x), y) + linear.weight.pow(2).sum() / (2 * C * len(x))
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        return float((linear(xt).argmax(1) == test_labels).double().mean())
-
-
-def ridge_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                   alpha: float = 1.0, num_classes: int | None = None) -> torch.Tensor:
-    """Least-squares linear probe on standardised features, batched over leading dims: (..., n, D) -> (...)."""
-    check_features(train, test)
-    real_number(alpha, "alpha", 0, "the ridge penalty is finite and not negative (1.0 by default)")
-    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
-    train, test = train.double(), test.double()
-    mean, std = train.mean(-2, keepdim=True), train.std(-2, keepdim=True).clamp_min(1e-6)
-    x, xt = (train - mean) / std, (test - mean) / std
-    y = F.one_hot(train_labels, num_classes).double() - 1.0 / num_classes
-    gram = x.transpose(-1, -2) @ x + alpha * torch.eye(x.shape[-1], dtype=x.dtype)
-    w = torch.linalg.solve(gram, x.transpose(-1, -2) @ y)
-    return ((xt @ w).argmax(-1) == test_labels).double().mean(-1).float()
-
-
-#: Bytes of float64 working copies one chunk of position probes may take (they are made about three times).
-POSITION_CHUNK_BYTES = 256 << 20
-
-
-def position_accuracy(train: TokenSet, test: TokenSet, alpha: float = 1.0, chunk: int | None = None) -> torch.Tensor:
-    """Least-squares probe accuracy of every single patch position on its own, as a (rows, cols) map.
-
-    Positions are solved `chunk` at a time; by default as many as fit POSITION_CHUNK_BYTES (16 at most),
-    so that a full-scale split never needs a float64 copy of all its patch tokens.
-    """
-    n = train.patches.shape[1]
-    per_position = 3 * 8 * (len(train) + len(test)) * train.dim
-    chunk = chunk or max(1, min(16, POSITION_CHUNK_BYTES // per_position))
-    accs = [ridge_accuracy(train.patches[:, i:i + chunk].float().transpose(0, 1), train.labels,
-                           test.patches[:, i:i + chunk].float().transpose(0, 1), test.labels, alpha,
-                           num_classes=max(train.num_classes, test.num_classes))
-            for i in range(0, n, chunk)]
-    return torch.cat(accs).reshape(train.grid_size)
-
-
-# ----------------------------------------------------------------------------- heads trained by gradient
-OPTIMIZERS = ("lars", "adamw")
+# ----------------------------------------------------------------------------- the recipe and the probe head
 MAX_LR = 1e6  # far beyond any probe's useful range, and safely inside float32 once scaled by the batch size
 
 
@@ -187,208 +96,6 @@ class ProbeHead(nn.Module):
         return self.linear(self.bn(self.pool(tokens, mask)[0]))
 
 
-class ProbeStack(nn.Module):
-    """K probe heads computed together; logits (K, B, classes).
-
-    With `groups` = S > 1 the K heads form S consecutive groups (e.g. one per seed), and the tokens
-    come as (S, B, T, D): group s trains on its own batch. With S = 1 all heads share (B, T, D).
-    """
-
-    def __init__(self, heads: list[ProbeHead], groups: int = 1):
-        super().__init__()
-        if len(heads) % groups:
-            raise SelaggError(f"{len(heads)} heads cannot be split into {groups} equal groups.")
-        self.heads = nn.ModuleList(heads)
-        self.groups = groups
-        self.prepooled = False  # set while training on features pooled in advance
-
-    @classmethod
-    def copies(cls, head: ProbeHead, k: int) -> "ProbeStack":
-        """K identical copies of one head (to be trained with K learning rates)."""
-        return cls([copy.deepcopy(head) for _ in range(k)])
-
-    def pooled(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled features of every head, (K, B, D)."""
-        first = self.heads[0].pool
-        per_group = len(self.heads) // self.groups
-        if tokens.ndim == 4:
-            if mask is not None:
-                raise SelaggError("Grouped training batches take no mask; pass mask=None.")
-            s, b = tokens.shape[:2]
-            tokens = first.check(tokens.flatten(0, 1), None)[0].reshape(s, b, *tokens.shape[2:])
-        else:
-            tokens, mask = first.check(tokens, mask)
-        if next(first.parameters(), None) is None:  # cls / mean: nothing learned, pool once per batch
-            flat = tokens.flatten(0, 1) if tokens.ndim == 4 else tokens
-            z = first.pool(flat, mask)[0]
-            z = z.reshape(self.groups, -1, z.shape[-1]) if tokens.ndim == 4 else z.expand(self.groups, -1, -1)
-            return z.repeat_interleave(per_group, dim=0)
-        if getattr(first, "can_stack", lambda: False)():
-            return first.pool_stacked([h.pool for h in self.heads], tokens, mask)
-        return torch.stack([h.pool.pool(tokens[k // per_group] if tokens.ndim == 4 else tokens, mask)[0]
-                            for k, h in enumerate(self.heads)])
-
-    def normalised(self, z: torch.Tensor) -> torch.Tensor:
-        """Each copy's BatchNorm (batch statistics in training, running ones in eval), as one (B, K*D) BatchNorm."""
-        bns = [h.bn for h in self.heads]
-        k, b, d = z.shape
-        mean = torch.cat([bn.running_mean for bn in bns])
-        var = torch.cat([bn.running_var for bn in bns])
-        flat = F.batch_norm(z.transpose(0, 1).reshape(b, k * d), mean, var, training=self.training,
-                            momentum=bns[0].momentum, eps=bns[0].eps)
-        if self.training:
-            with torch.no_grad():
-                torch._foreach_copy_([bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
-                                     list(mean.split(d)) + list(var.split(d)))
-                torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
-        return flat.reshape(b, k, d).transpose(0, 1).contiguous()  # contiguous: a much faster matmul backward
-
-    def shared_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Training logits (K, B, classes) when each group's copies read the same pooled features (S, B, D).
-
-        Their batch statistics are then the same: one BatchNorm and one product per group serve all
-        copies, and each copy's running statistics are updated with them as its own BatchNorm would.
-        """
-        s, b, d = z.shape
-        per = len(self.heads) // self.groups
-        bns = [h.bn for h in self.heads]
-        batch_mean, batch_var = torch.zeros(s, d, device=z.device), torch.zeros(s, d, device=z.device)
-        flat = F.batch_norm(z.transpose(0, 1).reshape(b, s * d), batch_mean.view(-1), batch_var.view(-1),
-                            training=True, momentum=1.0, eps=bns[0].eps)  # running stats <- this batch's
-        with torch.no_grad():
-            m = bns[0].momentum
-            means, variances = [bn.running_mean for bn in bns], [bn.running_var for bn in bns]
-            torch._foreach_mul_(means + variances, 1 - m)
-            torch._foreach_add_(means + variances, [batch_mean[k // per] for k in range(len(bns))]
-                                + [batch_var[k // per] for k in range(len(bns))], alpha=m)
-            torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
-        zn = flat.reshape(b, s, d).transpose(0, 1)  # (S, B, D)
-        w = torch.stack([h.linear.weight for h in self.heads])  # (K, C, D)
-        bias = torch.stack([h.linear.bias for h in self.heads])
-        c = w.shape[1]
-        logits = torch.baddbmm(bias.reshape(s, 1, per * c), zn, w.reshape(s, per * c, d).transpose(1, 2))
-        return logits.reshape(s, b, per, c).permute(0, 2, 1, 3).reshape(-1, b, c)
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.prepooled:  # features already pooled: (B, D) shared or (S, B, D) per group
-            z = tokens.expand(self.groups, -1, -1) if tokens.ndim == 2 else tokens
-            if self.training:
-                return negligible_grad_dropped(self.shared_logits(z))
-            z = z.repeat_interleave(len(self.heads) // self.groups, dim=0)
-        else:
-            z = self.pooled(tokens, mask)
-        z = self.normalised(z)
-        w = torch.stack([h.linear.weight for h in self.heads])
-        b = torch.stack([h.linear.bias for h in self.heads])
-        return negligible_grad_dropped(torch.baddbmm(b[:, None], z, w.transpose(1, 2)))
-
-
-class _OneUpdateForAllGroups:
-    """Optimizer mixin: groups that share all settings but the learning rate are stepped in one update.
-
-    A learning-rate sweep has two small parameter groups per copy; stepping them one by one costs
-    far more in Python than in arithmetic. `_update` gets the settings, the parameters that have a
-    gradient, and each one's learning rate.
-    """
-
-    _SETTINGS: tuple[str, ...] = ()
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        alike: dict[tuple, list[dict]] = {}
-        for group in self.param_groups:
-            alike.setdefault(tuple(group[key] for key in self._SETTINGS), []).append(group)
-        for settings, groups in alike.items():
-            pairs = [(p, g["lr"]) for g in groups for p in g["params"] if p.grad is not None]
-            if pairs:
-                self._update(dict(zip(self._SETTINGS, settings)), [p for p, _ in pairs], [lr for _, lr in pairs])
-        return loss
-
-
-class SweepLars(_OneUpdateForAllGroups, Lars):
-    """timm's LARS with the same arithmetic, every tensor with its own group's lr and its own trust ratio."""
-
-    _SETTINGS = ("momentum", "dampening", "weight_decay", "nesterov", "trust_coeff", "eps", "trust_clip",
-                 "always_adapt")
-
-    def _update(self, s: dict, params: list[torch.Tensor], lrs: list[float]) -> None:
-        grads = [p.grad for p in params]
-        if s["weight_decay"] != 0 or s["always_adapt"]:
-            w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
-            ratio = s["trust_coeff"] * w_norm / (g_norm + w_norm * s["weight_decay"] + s["eps"])
-            ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)  # 1 (no change) if either norm is 0
-            if s["trust_clip"]:
-                ratio = (ratio / torch.tensor(lrs, dtype=ratio.dtype, device=ratio.device)).clamp(max=1.0)
-            if s["weight_decay"]:  # new tensors: p.grad itself is left alone
-                grads = torch._foreach_add(grads, params, alpha=s["weight_decay"])
-                torch._foreach_mul_(grads, list(ratio.unbind()))
-            else:
-                grads = torch._foreach_mul(grads, list(ratio.unbind()))
-        if s["momentum"] != 0:
-            bufs = [self.state[p].get("momentum_buffer") for p in params]
-            old = [i for i, buf in enumerate(bufs) if buf is not None]
-            if old:
-                torch._foreach_mul_([bufs[i] for i in old], s["momentum"])
-                torch._foreach_add_([bufs[i] for i in old], [grads[i] for i in old], alpha=1.0 - s["dampening"])
-            for i, (p, buf) in enumerate(zip(params, bufs)):
-                if buf is None:
-                    bufs[i] = self.state[p]["momentum_buffer"] = grads[i].detach().clone()
-            grads = torch._foreach_add(grads, bufs, alpha=s["momentum"]) if s["nesterov"] else bufs
-        torch._foreach_add_(params, torch._foreach_mul(grads, [-lr for lr in lrs]))
-
-
-class SweepAdamW(_OneUpdateForAllGroups, torch.optim.AdamW):
-    """torch's AdamW with the same arithmetic and state (step, exp_avg, exp_avg_sq), every tensor with its own lr."""
-
-    _SETTINGS = ("betas", "eps", "weight_decay")
-
-    def __init__(self, params, **kwargs):
-        if kwargs.get("amsgrad") or kwargs.get("maximize"):
-            raise SelaggError("SweepAdamW supports neither amsgrad nor maximize; use torch.optim.AdamW.")
-        super().__init__(params, **kwargs)
-
-    def _update(self, s: dict, params: list[torch.Tensor], lrs: list[float]) -> None:
-        for p in params:
-            if not self.state[p]:
-                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                     exp_avg_sq=torch.zeros_like(p))
-        states = [self.state[p] for p in params]
-        steps = [st["step"] for st in states]
-        avgs, avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-        grads = [p.grad for p in params]
-        (beta1, beta2), eps, weight_decay = s["betas"], s["eps"], s["weight_decay"]
-        torch._foreach_add_(steps, 1.0)
-        if weight_decay != 0:
-            torch._foreach_mul_(params, [1 - lr * weight_decay for lr in lrs])
-        torch._foreach_lerp_(avgs, grads, 1 - beta1)
-        torch._foreach_mul_(avg_sqs, beta2)
-        torch._foreach_addcmul_(avg_sqs, grads, grads, 1 - beta2)
-        counts = [float(step) for step in steps]
-        denom = torch._foreach_sqrt(avg_sqs)
-        torch._foreach_div_(denom, [(1 - beta2 ** n) ** 0.5 for n in counts])
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, avgs, denom, [-lr / (1 - beta1 ** n) for lr, n in zip(lrs, counts)])
-
-
-def make_optimizer(stack: ProbeStack, recipe: ProbeRecipe, lrs: list[float]) -> torch.optim.Optimizer:
-    """One parameter group pair per copy (matrices; vectors without decay or LARS adaptation), each with its lr."""
-    groups = []
-    for head, lr in zip(stack.heads, lrs):
-        params = [p for p in head.parameters() if p.requires_grad]
-        groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": recipe.weight_decay,
-                       **({"always_adapt": True} if recipe.optimizer == "lars" else {})})
-        groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
-    groups = [g for g in groups if g["params"]]
-    if recipe.optimizer == "lars":
-        return SweepLars(groups, lr=lrs[0], momentum=recipe.momentum)
-    if recipe.optimizer == "adamw":
-        return SweepAdamW(groups, lr=lrs[0])
-    raise SelaggError(f"Unknown optimizer {recipe.optimizer!r}; choose 'lars' (MAE's protocol) or 'adamw'.")
-
 
 def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
               recipe: ProbeRecipe, seed: int | list[int] = 0, progress: bool = False,
@@ -434,18 +141,6 @@ def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tenso
     return losses
 
 
-@torch.no_grad()
-def stack_accuracy(stack: ProbeStack, tokens: torch.Tensor, labels: torch.Tensor,
-                   batch_size: int = 1024) -> list[float]:
-    """Accuracy of every copy, in eval mode."""
-    stack.eval()
-    correct = torch.zeros(len(stack.heads))
-    for i in range(0, len(labels), batch_size):
-        logits = stack(tokens[i:i + batch_size].float())
-        correct += (logits.argmax(-1).cpu() == labels[i:i + batch_size]).sum(1)
-    return (correct / len(labels)).tolist()
-
-
 @dataclass
 class ProbeResult:
     """A learning-rate sweep: val accuracy per lr, the chosen lr and head, its test accuracy."""
@@ -466,30 +161,12 @@ class ProbeResult:
         return self.best_lr in (self.lrs[0], self.lrs[-1]) and len(self.lrs) > 1
 
 
-def new_head(head_name: str, tokens: TokenSet, num_classes: int, seed: int, **head_kwargs) -> ProbeHead:
-    """A freshly initialised probe head for these tokens (initialisation depends on the seed only)."""
+def probe_head(head_name: str, source: TokenSet | nn.Module, num_classes: int, seed: int = 0,
+               **head_kwargs) -> ProbeHead:
+    """A freshly initialised probe for a TokenSet's or a timm ViT's tokens (initialisation depends on the seed only)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ProbeHead(make_head(head_name, **{**tokens.head_kwargs(), **head_kwargs}), num_classes)
-
-
-def training_source(stack: "ProbeStack", train: TokenSet, device: str | torch.device,
-                    max_bytes: int = 2 ** 31) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Batches for training: pooled once when the head learns nothing (cls, mean), else float tokens."""
-    pool = stack.heads[0].pool
-    if next(pool.parameters(), None) is None:
-        with torch.no_grad():
-            pooled = torch.cat([pool(train.tokens[i:i + 1024].float())[0] for i in range(0, len(train), 1024)])
-        stack.prepooled = True
-        pooled = pooled.to(device)
-        return lambda idx: pooled[idx.to(device)]
-    if train.tokens.numel() * 4 <= max_bytes:  # small enough: convert to float32 once
-        tokens = train.tokens.to(device).float()
-        return lambda idx: tokens[idx.to(device)]
-    if torch.device(device).type == "cuda" and train.tokens.numel() * 2 <= 4 * max_bytes:  # float16 on the GPU
-        tokens = train.tokens.to(device)
-        return lambda idx: tokens[idx.to(device)].float()
-    return lambda idx: train.tokens[idx].to(device).float()
+        return ProbeHead(make_head(head_name, **{**head_layout(source), **head_kwargs}), num_classes)
 
 
 def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet | None = None,
@@ -504,10 +181,10 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
     check_probe_inputs(recipe, train, val, test)
     num_classes = max(train.num_classes, val.num_classes)
     k = len(recipe.lrs)
-    heads = [copy.deepcopy(new_head(head_name, train, num_classes, s, **head_kwargs)) for s in seeds for _ in range(k)]
+    heads = [probe_head(head_name, train, num_classes, s, **head_kwargs) for s in seeds for _ in range(k)]
     stack = ProbeStack(heads, groups=len(seeds)).to(device)
     losses = fit_stack(stack, training_source(stack, train, device), train.labels, recipe, list(seeds), progress)
-    stack.prepooled = False
+    stack.reading_pooled(False)  # scored on tokens from here on
     val_acc = stack_accuracy(stack, val.tokens.to(device), val.labels)
     diverged = diverged_copies(stack)
     results = []
@@ -574,11 +251,6 @@ def check_finite_tokens(tokens: TokenSet, split: str) -> None:
     for key in [key for key, (ref, _) in _FINITE_CHECKED.items() if ref() is None]:
         del _FINITE_CHECKED[key]
     _FINITE_CHECKED[id(t)] = (weakref.ref(t), version)
-
-
-def diverged_copies(stack: ProbeStack) -> list[bool]:
-    """For each copy in a stack, whether training left NaN or infinite weights or statistics."""
-    return [not all(all_finite(t) for t in [*head.parameters(), *head.buffers()]) for head in stack.heads]
 
 
 def usable_accuracies(acc: list[float], diverged: list[bool], lrs: tuple[float, ...], head_name: str,
@@ -664,4 +336,3 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     """'mean ± std' in percent."""
     m, s = summarise(values)
     return f"{scale * m:.1f} ± {scale * s:.1f}"
-

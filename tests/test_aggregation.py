@@ -5,10 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selagg_utils import SelaggError
-from selagg_utils.aggregation import (HEADS, AbMILP, check_mask, head_for_model, localisation_score, make_head,
-                                      masked_softmax, negligible_grad_dropped, softmax_pooled, uniform_localisation)
+from selagg_utils import aggregation
+from selagg_utils.aggregation import (HEAD_KINDS, HEADS, AbMILP, check_mask, describe_heads, head_layout,
+                                      localisation_score, make_head, masked_softmax, negligible_grad_dropped,
+                                      uniform_localisation)
+from selagg_utils.features import TokenSet
 from selagg_utils.models import tiny_vit
-from selagg_utils.probing import ProbeHead, ProbeStack
 
 D = 32
 
@@ -73,70 +75,6 @@ def test_masked_tokens_get_zero_weight(b, prefix, seed, name):
     assert torch.allclose(weights.sum(1), torch.ones(b), atol=1e-5)
 
 
-def distinct_copies(name: str, groups: int) -> tuple[ProbeStack, torch.Tensor]:
-    """Six copies of a head with different parameters in `groups` groups, and a token batch per group."""
-    extra = {"num_heads": 2} if name == "attentive" else {}
-    stack = ProbeStack.copies(ProbeHead(make_head(name, D, grid_size=(4, 4), **extra), 5), 6)
-    stack.groups = groups
-    with torch.no_grad():
-        for k, h in enumerate(stack.heads):
-            for p in h.pool.parameters():
-                p.add_(0.1 * k)
-    return stack, torch.stack([tokens(seed=s) for s in range(groups)]) if groups > 1 else tokens()
-
-
-@pytest.mark.parametrize("name", ["mean", "abmilp", "abmilp-relu", "abmilp-gated", "abmilp-pos", "abmilp-sa",
-                                  "attentive"])
-@pytest.mark.parametrize("groups", [1, 3])
-def test_stacked_copies_equal_separate_heads(name, groups):
-    stack, x = distinct_copies(name, groups)
-    per = 6 // groups
-    expected = torch.stack([h.pool(x[k // per] if groups > 1 else x)[0] for k, h in enumerate(stack.heads)])
-    assert torch.allclose(stack.pooled(x), expected, atol=1e-4)
-
-
-@pytest.mark.parametrize("name", ["abmilp", "abmilp-cls", "abmilp-gated", "attentive"])
-@pytest.mark.parametrize("groups", [1, 3])
-def test_stacked_copies_have_the_gradients_of_separate_heads(name, groups):
-    stack, x = distinct_copies(name, groups)
-    mask = None if groups > 1 else torch.rand(3, 17, generator=torch.Generator().manual_seed(2)) > 0.3
-    if mask is not None:
-        mask[:, :2] = True
-    target = torch.randn(6, 3, D, generator=torch.Generator().manual_seed(3))
-    (stack.pooled(x, mask) * target).sum().backward()
-    stacked = [[p.grad.clone() for p in h.pool.parameters()] for h in stack.heads]
-    per = 6 // groups
-    for k, h in enumerate(stack.heads):
-        h.zero_grad()
-        (h.pool(x[k // per] if groups > 1 else x, mask)[0] * target[k]).sum().backward()
-        for got, p in zip(stacked[k], h.pool.parameters()):
-            assert torch.allclose(got, p.grad, atol=1e-4, rtol=1e-4)
-
-
-def test_softmax_pooled_is_softmax_then_weighted_sum_with_its_gradients():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g).requires_grad_()
-    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=g).requires_grad_()
-    assert torch.allclose(softmax_pooled(scores, x), scores.softmax(-1).transpose(1, 2) @ x)
-    assert torch.autograd.gradcheck(softmax_pooled, (scores, x))
-
-
-@pytest.mark.parametrize("name", ["abmilp", "attentive"])
-def test_stacked_copies_train_under_bf16_autocast(name):
-    extra = {"num_heads": 2} if name == "attentive" else {}
-    stack = ProbeStack.copies(ProbeHead(make_head(name, D, **extra), 5), 3)
-    x = tokens()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        pooled = stack.pooled(x)
-    pooled.float().square().sum().backward()
-    matrices = [p for p in stack.heads[0].pool.parameters() if p.ndim > 1]  # a score bias has no gradient
-    grads = [p.grad.clone() for p in matrices]
-    stack.zero_grad()
-    stack.pooled(x).square().sum().backward()
-    for low, full in zip(grads, matrices):
-        assert low.dtype == full.dtype and torch.allclose(low, full.grad, rtol=0.1, atol=0.05 * full.grad.abs().max())
-
-
 def test_negligible_weights_and_gradients_become_exact_zeros():
     scores = torch.tensor([[0.0, -60.0, -85.0, -100.0]])  # e^-60 ~ 9e-27; e^-85 ~ 1e-37; e^-100, a denormal
     weights = masked_softmax(scores, torch.ones(1, 4, dtype=torch.bool))[0]
@@ -149,15 +87,41 @@ def test_negligible_weights_and_gradients_become_exact_zeros():
     assert x.grad[1] == 0 and x.grad[2] == 0
 
 
-def test_attentive_with_mlp_is_stacked_one_by_one():
-    stack = ProbeStack.copies(ProbeHead(make_head("attentive", D, num_heads=2, mlp=True), 5), 2)
-    x = tokens()
-    assert torch.allclose(stack.pooled(x), torch.stack([h.pool(x)[0] for h in stack.heads]), atol=1e-5)
+def test_head_layout_reads_width_prefix_and_grid_from_a_model_or_a_token_set():
+    head = make_head("abmilp-pos", **head_layout(tiny_vit()))
+    assert (head.dim, head.num_prefix_tokens, head.has_cls, len(head.pos_embed)) == (128, 1, True, 64)
+    ts = TokenSet(tokens(prefix=5).half(), torch.arange(3), 5, True, (4, 4))
+    assert head_layout(ts) == dict(dim=D, num_prefix_tokens=5, has_cls=True, grid_size=(4, 4))
+    with pytest.raises(SelaggError, match="TokenSet or a timm ViT"):
+        head_layout(torch.zeros(3, 17, D))
 
 
-def test_head_for_model_reads_prefix_and_grid():
-    head = head_for_model("abmilp-pos", tiny_vit())
-    assert (head.dim, head.num_prefix_tokens, head.has_cls) == (128, 1, True)
+def abmilp_options(head: AbMILP) -> dict:
+    """The options an AbMILP head was built with, read back from its modules and buffers."""
+    activations = [m for m in head.body if not isinstance(m, torch.nn.Linear)]
+    return {"depth": len(activations) + int(head.gated),
+            "act": "relu" if any(isinstance(m, torch.nn.ReLU) for m in activations) else "tanh",
+            "gated": head.gated, "self_attention": head.mix is not None,
+            "pos_embed": None if head.pos_embed is None else "sincos", "include_cls": head.include_cls}
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_make_head_builds_what_the_registry_says(name):
+    kind = HEAD_KINDS[name]
+    head = make_head(name, D, 1, True, (4, 4), **({"num_heads": 2} if name == "attentive" else {}))
+    assert type(head) is kind.cls
+    if kind.cls is AbMILP:
+        built = abmilp_options(head)
+        assert {k: built[k] for k in kind.options} == kind.options
+    assert f"- {name}: {kind.cls.__name__}" in describe_heads() and f"- {name}: " in aggregation.__doc__
+
+
+def test_a_head_added_to_the_registry_is_built_listed_and_offered_by_the_errors(monkeypatch):
+    monkeypatch.setitem(HEAD_KINDS, "abmilp-deep", aggregation.HeadKind(AbMILP, dict(depth=3), "three hidden layers"))
+    assert len(make_head("abmilp-deep", D).body) == 6
+    assert "- abmilp-deep: AbMILP(depth=3): three hidden layers" in describe_heads()
+    with pytest.raises(SelaggError, match="abmilp-deep"):
+        make_head("max", D)
 
 
 def test_localisation_score():
@@ -200,9 +164,10 @@ def test_cls_on_model_without_cls_raises():
     with pytest.raises(SelaggError, match="no \\[cls\\] token"):
         make_head("cls", D, num_prefix_tokens=0, has_cls=False)
     with pytest.raises(SelaggError, match="no \\[cls\\] token"):
-        head_for_model("cls", tiny_vit(class_token=False, global_pool="avg"))
+        make_head("cls", **head_layout(tiny_vit(class_token=False, global_pool="avg")))
 
 
-def test_unknown_head_raises():
-    with pytest.raises(SelaggError, match="Unknown pooling head"):
+def test_unknown_head_raises_listing_every_registered_head():
+    with pytest.raises(SelaggError, match="Unknown pooling head") as error:
         make_head("max", D)
+    assert all(name in str(error.value) for name in HEAD_KINDS)

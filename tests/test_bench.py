@@ -1,15 +1,15 @@
-"""Tests of selagg_utils.bench and scripts/bench.py: clocks, FLOPs, memory, failures that must not end a ladder."""
+"""Tests of selagg_utils.bench, bench_report and scripts/bench.py: rows, tables, CSV, failures that must not end a ladder."""
 from __future__ import annotations
 
 import importlib.util
-import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from selagg_utils import SelaggError, bench
+from selagg_utils import SelaggError, bench, bench_report, devices
 from selagg_utils.models import tiny_vit
 
 CPU = torch.device("cpu")
@@ -45,115 +45,6 @@ class RunsOutOfMemory(nn.Module):
         return self.vit(x)
 
 
-# ---------------------------------------------------------------- devices
-
-def test_unknown_device_is_one_clear_sentence():
-    with pytest.raises(SelaggError, match="Unknown device 'tpu'"):
-        bench.resolve_device("tpu")
-
-
-def test_cuda_without_a_gpu_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SelaggError, match="no usable CUDA GPU"):
-        bench.resolve_device("cuda")
-
-
-def test_cpu_and_default_devices_resolve():
-    assert bench.resolve_device("cpu") == CPU
-    assert bench.resolve_device(None).type in ("cpu", "cuda")
-
-
-def test_peaks_are_looked_up_by_gpu_name(monkeypatch):
-    assert bench.lookup_peak("NVIDIA H100 80GB HBM3") == 989.0
-    assert bench.lookup_peak("NVIDIA H100 PCIe") == 756.0
-    assert bench.lookup_peak("NVIDIA A100-SXM4-40GB") == 312.0
-    assert bench.lookup_peak("Tesla T4") == 65.0
-    assert bench.lookup_peak("NVIDIA L4") == 121.0
-    assert bench.lookup_peak("NVIDIA L40S") == 362.0
-    assert bench.lookup_peak("Tesla V100-SXM2-16GB") == 125.0
-    assert bench.lookup_peak("Some Future GPU") is None
-    monkeypatch.delenv(bench.PEAK_ENV_VAR, raising=False)
-    assert bench.peak_tflops(CPU) is None
-    assert bench.peak_tflops(CPU, override=50) == 50.0
-    monkeypatch.setenv(bench.PEAK_ENV_VAR, "42")
-    assert bench.peak_tflops(CPU) == 42.0
-
-
-def test_unknown_precision_is_refused():
-    with pytest.raises(SelaggError, match="Unknown precision"):
-        bench.autocast(CPU, "int4")
-
-
-# ---------------------------------------------------------------- clocks and memory
-
-def test_time_calls_warms_up_then_times_each_repeat():
-    calls = []
-    times = bench.time_calls(lambda: calls.append(1), CPU, warmup=3, repeats=5)
-    assert len(calls) == 8 and len(times) == 5 and all(t >= 0 for t in times)
-    with pytest.raises(SelaggError):
-        bench.time_calls(lambda: None, CPU, repeats=0)
-
-
-def test_median_and_iqr():
-    assert bench.median_and_iqr([1.0, 2.0, 3.0, 4.0, 5.0]) == (3.0, 2.0)
-    assert bench.median_and_iqr([7.0]) == (7.0, 0.0)
-
-
-def test_cpu_peak_memory_says_what_it_measures():
-    with bench.peak_memory(CPU) as mem:
-        block = torch.ones(2**22)  # 16 MB
-    del block
-    assert mem["mb"] > 16
-    assert "RSS" in mem["kind"]
-
-
-def test_out_of_memory_is_recognised():
-    assert bench.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
-    assert bench.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert bench.is_out_of_memory(MemoryError())
-    assert bench.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB"))
-    assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))
-
-
-# ---------------------------------------------------------------- FLOPs and attention
-
-def test_tiny_vit_flops_match_the_formula(small_vit):
-    images = bench.random_images(small_vit, 2, CPU)
-    d, n, p = 128, 65, 4  # width, tokens, patch size
-    linear = n * (3 * d * d + d * d + 2 * 4 * d * d)  # qkv, proj, MLP
-    attention = 2 * n * n * d  # q k^T and attention @ v
-    patch_embed = 64 * d * p * p
-    expected = 2 * (linear + attention + patch_embed)
-    assert bench.forward_gflop_per_image(small_vit, images) * 1e9 == pytest.approx(expected, rel=1e-6)
-
-
-def test_vit_b16_is_35_gflop_per_image():
-    import timm
-
-    model = timm.create_model("vit_base_patch16_224.mae", pretrained=False, num_classes=0).eval()
-    gflop = bench.forward_gflop_per_image(model, torch.zeros(1, 3, 224, 224))
-    assert gflop == pytest.approx(35.13, abs=0.05)  # 17.56 GMACs
-
-
-def test_fused_attention_switch_restores_the_flags(small_vit):
-    assert bench.uses_fused_attention(small_vit) in (True, False)
-    before = [m.fused_attn for m in small_vit.modules() if hasattr(m, "fused_attn")]
-    with bench.fused_attention(small_vit, False):
-        assert not bench.uses_fused_attention(small_vit)
-    with bench.fused_attention(small_vit, True):
-        assert bench.uses_fused_attention(small_vit)
-    assert [m.fused_attn for m in small_vit.modules() if hasattr(m, "fused_attn")] == before
-
-
-def test_explicit_and_fused_attention_agree(small_vit):
-    images = bench.random_images(small_vit, 4, CPU)
-    with bench.fused_attention(small_vit, True):
-        fused = small_vit(images)
-    with bench.fused_attention(small_vit, False):
-        explicit = small_vit(images)
-    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
-
-
 # ---------------------------------------------------------------- rows and tables
 
 def test_measure_forward_gives_a_full_row(small_vit):
@@ -169,11 +60,22 @@ def test_measure_forward_gives_a_full_row(small_vit):
     assert row.pct_of_peak == pytest.approx(100 * row.tflops / 1.0)
 
 
+def test_measure_counts_the_images_of_a_call_and_says_what_it_measured():
+    options = bench.MeasureOptions(model="m", images_per_call=40, warmup=0, repeats=3, params=7, note="a note")
+    row = bench.measure("sleep", lambda: time.sleep(0.01), CPU, 4, options)
+    assert row.ok and row.batch_size == 4 and row.repeats == 3 and row.params == 7 and row.note == "a note"
+    assert row.median_ms >= 10 and row.images_per_s == pytest.approx(40 / (row.median_ms / 1e3))
+    assert row.memory_mb > 0 and row.memory_kind.startswith("process peak RSS")
+    assert row.device == devices.device_name(CPU) and row.software == devices.software_versions()
+    faster = bench.measure("faster", lambda: None, CPU, 4, bench.MeasureOptions(warmup=0, repeats=3, versus=row))
+    assert faster.versus == "sleep" and faster.speedup == pytest.approx(faster.images_per_s / row.images_per_s)
+
+
 def test_rows_print_as_a_table_and_survive_a_csv(tmp_path, small_vit):
     images = bench.random_images(small_vit, 2, CPU)
     rows = [bench.measure_forward("fp32 eager", small_vit, images, warmup=0, repeats=2),
             bench.failed_row("batch 4096", CPU, 4096, "out of memory")]
-    table = bench.format_table(rows)
+    table = bench_report.format_table(rows)
     assert "fp32 eager" in table and "out of memory" in table and "device:" in table
     path = bench.write_csv(rows, tmp_path / "run.csv")
     assert bench.read_csv(path) == rows
@@ -185,7 +87,7 @@ def test_plot_rows_draws_one_bar_per_row(small_vit):
     images = bench.random_images(small_vit, 2, CPU)
     rows = [bench.measure_forward("fp32 eager", small_vit, images, warmup=0, repeats=2),
             bench.failed_row("skipped step", CPU, 2, "skipped: no compiler")]
-    ax = bench.plot_rows(rows)
+    ax = bench_report.plot_rows(rows)
     try:
         assert len(ax.patches) == 2 and ax.get_xlabel()
     finally:
@@ -197,8 +99,6 @@ def test_plot_rows_draws_one_bar_per_row(small_vit):
 def test_bad_sizes_are_refused(small_vit):
     with pytest.raises(SelaggError, match="batch size"):
         bench.random_images(small_vit, 0, CPU)
-    with pytest.raises(SelaggError, match="steps"):
-        bench.probe_data(small_vit, 4, 0, CPU)
 
 
 # ---------------------------------------------------------------- out of memory in a sweep
@@ -274,16 +174,6 @@ def test_backbone_ladder_goes_on_when_compilation_fails(small_vit):
     assert rows[1].versus == "fp32 eager" and rows[2].versus == base and rows[4].precision == fast
 
 
-def test_half_precision_follows_the_books_one_rule(monkeypatch):
-    gpu = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert bench.half_precision(gpu) == "fp16"  # a T4 only emulates bf16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert bench.half_precision(gpu) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert bench.half_precision(gpu) == "fp16" and bench.half_precision(CPU) == "bf16"  # CPUs autocast in bf16
-
-
 def test_ladder_sizes_shrink_with_an_image_cap_or_on_a_cpu_at_full_scale(monkeypatch):
     from selagg_utils import config
 
@@ -305,57 +195,6 @@ def test_fastest_precision_picks_the_faster_of_fp32_and_autocast():
     assert bench.fastest_precision([row("fp32 eager", "fp32", 10.0), row("bf16 autocast", "bf16", 30.0)]) == "bf16"
     assert bench.fastest_precision([row("fp32 eager", "fp32", 10.0), row("bf16 autocast", "bf16", 5.0)]) == "fp32"
     assert bench.fastest_precision([]) == "fp32"
-
-
-# ---------------------------------------------------------------- probes
-
-def test_probes_of_each_kind_give_logits(small_vit):
-    tokens = torch.randn(3, 65, 128)
-    for kind in bench.PROBE_KINDS:
-        assert bench.make_probe(kind, small_vit, 10)(tokens).shape == (3, 10)
-    with pytest.raises(SelaggError, match="Unknown probe"):
-        bench.make_probe("transformer", small_vit, 10)
-
-
-@pytest.fixture(params=["probing", "fallback"])
-def probing_module(request, monkeypatch):
-    """Run a test with selagg_utils.probing, and again as if it were missing (the fallback bank)."""
-    if request.param == "fallback":
-        monkeypatch.setitem(sys.modules, "selagg_utils.probing", None)
-    return request.param
-
-
-def test_one_pass_over_many_lrs_equals_separate_runs(small_vit, probing_module):
-    lrs = bench.learning_rates(3)
-    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1.0)
-    torch.manual_seed(0)
-    bank, opt = bench.probe_bank("abmilp", small_vit, 10, lrs)
-    assert sorted({g["lr"] for g in opt.param_groups}) == sorted(lrs)
-    singles = []
-    for probe, lr in zip(bench.bank_members(bank), lrs):
-        one, one_opt = bench.probe_bank("abmilp", small_vit, 10, [lr])
-        bench.bank_members(one)[0].load_state_dict(probe.state_dict())
-        singles.append((one, one_opt))
-    tokens, labels = torch.randn(8, 65, 128), torch.randint(0, 10, (8,))
-    for _ in range(2):
-        bench.train_step_fn(bank, opt, "fp32")(tokens, labels)
-        for one, one_opt in singles:
-            bench.train_step_fn(one, one_opt, "fp32")(tokens, labels)
-    for probe, (one, _) in zip(bench.bank_members(bank), singles):
-        for a, b in zip(probe.parameters(), bench.bank_members(one)[0].parameters()):
-            torch.testing.assert_close(a, b)
-
-
-def test_probe_ladder_caches_and_compares(small_vit, probing_module):
-    data = bench.probe_data(small_vit, 8, 2, CPU)
-    rows = bench.probe_ladder(small_vit, data, "fp32", repeats=2, n_lrs=2)
-    by_step = {r.step: r for r in rows}
-    assert all(r.ok for r in rows)
-    assert data.tokens.shape == (16, 65, 128)
-    assert by_step["cached epoch, linear"].versus == "online epoch, linear"
-    assert by_step["cached epoch, linear"].images_per_s > by_step["online epoch, linear"].images_per_s
-    heads = [by_step[f"{k} head, cached epoch"] for k in ("linear", "abmilp", "attentive")]
-    assert heads[0].params < heads[1].params < heads[2].params
 
 
 # ---------------------------------------------------------------- the script
@@ -395,17 +234,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_cuda_events_time_and_memory_is_measured(small_vit):
-    gpu = bench.resolve_device("cuda")
+    gpu = devices.resolve_device("cuda")
     model = small_vit.to(gpu)
     images = bench.random_images(model, 8, gpu)
-    row = bench.measure_forward("bf16 autocast", model, images, bench.half_precision(gpu), warmup=1, repeats=3)
+    row = bench.measure_forward("bf16 autocast", model, images, devices.half_precision(gpu), warmup=1, repeats=3)
     assert row.ok and row.median_ms > 0 and row.memory_kind == "cuda max allocated" and row.memory_mb > 0
     assert row.device == torch.cuda.get_device_name(gpu)
 
 
 @needs_cuda
 def test_a_real_out_of_memory_error_is_marked_on_the_gpu(small_vit):
-    gpu = bench.resolve_device("cuda")
+    gpu = devices.resolve_device("cuda")
     free, _ = torch.cuda.mem_get_info(gpu)
     too_big = int(free // (32 * 32 * 4)) * 2  # images whose bytes alone are twice the free memory
     rows = bench.sweep_batch_sizes(small_vit.to(gpu), [8, too_big], gpu, "fp32", warmup=0, repeats=1)

@@ -10,9 +10,9 @@ from selagg_utils.aggregation import make_head
 from selagg_utils.attention import attention_statistics
 from selagg_utils.checkpoints import load_checkpoint, save_checkpoint
 from selagg_utils.features import TokenSet
+from selagg_utils.linear_eval import knn_accuracy, logistic_probe_accuracy, ridge_accuracy
 from selagg_utils.models import TINY_CONFIG, load_backbone, model_from_checkpoint, tiny_vit
-from selagg_utils.probing import (ProbeRecipe, knn_accuracy, logistic_probe_accuracy, low_shot_indices, ridge_accuracy,
-                                  train_probe, train_probes)
+from selagg_utils.probing import ProbeRecipe, low_shot_indices, train_probe, train_probes
 
 
 def toy(n: int, seed: int) -> TokenSet:

@@ -7,9 +7,11 @@ from timm.optim import Lars
 
 from selagg_utils import SelaggError
 from selagg_utils.features import TokenSet
-from selagg_utils.probing import (ProbeHead, ProbeRecipe, ProbeStack, SweepAdamW, SweepLars, fmt, knn_accuracy,
-                                  logistic_probe_accuracy, low_shot_accuracy, low_shot_indices, new_head,
-                                  ridge_accuracy, train_probe, train_probes)
+from selagg_utils.models import tiny_vit
+from selagg_utils.optim import SweepAdamW, SweepLars
+from selagg_utils.probing import (ProbeHead, ProbeRecipe, fmt, low_shot_accuracy, low_shot_indices, probe_head,
+                                  train_probe, train_probes)
+from selagg_utils.stacking import ProbeStack
 
 D, C = 16, 3
 
@@ -115,26 +117,9 @@ def test_sweep_adamw_steps_like_torch_adamw(weight_decay):
     assert sweep.state[ours[0]]["step"] == torch_adamw.state[theirs[0]]["step"] == 5
 
 
-def test_shared_pooled_features_train_like_separate_heads():
-    train = toy(64, 0)
-    heads = [new_head("cls", train, C, seed) for seed in (0, 1, 2, 3)]
-    with torch.no_grad():
-        heads[1].bn.running_mean.add_(0.5)  # copies need not share their running statistics
-    stack = ProbeStack(copy.deepcopy(heads), groups=2)
-    stack.prepooled = True
-    stack.train()
-    z = torch.randn(2, 64, D, generator=torch.Generator().manual_seed(4))  # one batch per group
-    logits = stack(z)
-    for k, (ours, alone) in enumerate(zip(stack.heads, heads)):
-        alone.train()
-        assert torch.allclose(logits[k], alone.linear(alone.bn(z[k // 2])), atol=1e-5)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            assert torch.allclose(getattr(ours.bn, name).float(), getattr(alone.bn, name).float(), atol=1e-6)
-
-
 def test_stack_eval_equals_each_head():
     train = toy(64, 0)
-    stack = ProbeStack.copies(new_head("abmilp", train, C, 0), 2)
+    stack = ProbeStack.copies(probe_head("abmilp", train, C, 0), 2)
     stack.train()
     stack(train.tokens.float())  # one step of running statistics
     stack.eval()
@@ -144,8 +129,19 @@ def test_stack_eval_equals_each_head():
 
 
 def test_probe_head_is_mae_probe():
-    head = new_head("cls", toy(8, 0), C, 0)
+    head = probe_head("cls", toy(8, 0), C, 0)
     assert isinstance(head, ProbeHead) and not head.bn.affine and head.linear.weight.std() < 0.02
+
+
+def test_a_probe_head_depends_on_its_seed_only_and_reads_a_model_or_a_token_set():
+    torch.manual_seed(123)
+    a = probe_head("abmilp", toy(8, 0), C, seed=7)
+    b = probe_head("abmilp", toy(8, 0), C, seed=7)
+    c = probe_head("abmilp", toy(8, 0), C, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.linear.weight, c.linear.weight)
+    from_model = probe_head("abmilp-pos", tiny_vit(), 10)
+    assert from_model.pool.dim == 128 and len(from_model.pool.pos_embed) == 64 and from_model.linear.out_features == 10
 
 
 def test_low_shot_indices():
@@ -168,29 +164,6 @@ def test_low_shot_accuracy_runs():
     assert "±" in fmt(accs)
 
 
-def test_knn_logistic_and_ridge_agree_on_separable_data():
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(200) % 4
-    x = torch.nn.functional.one_hot(y, 4).float() * 4 + torch.randn(200, 4, generator=g)
-    assert knn_accuracy(x[:100], y[:100], x[100:], y[100:]) > 0.9
-    assert logistic_probe_accuracy(x[:100], y[:100], x[100:], y[100:]) > 0.9
-    batched = ridge_accuracy(torch.stack([x[:100], torch.randn(100, 4)]), y[:100],
-                             torch.stack([x[100:], torch.randn(100, 4)]), y[100:])
-    assert batched.shape == (2,) and batched[0] > 0.9 and batched[1] < 0.5
-
-
 def test_unknown_optimizer_raises():
     with pytest.raises(SelaggError, match="Unknown optimizer"):
         train_probe("cls", toy(32, 0), toy(32, 1), recipe=ProbeRecipe(optimizer="sgd", epochs=1, lrs=(1.0,)))
-
-
-def test_position_probes_in_small_chunks_equal_one_large_chunk():
-    """The chunk size bounds memory only: every position's accuracy is the same whatever it is."""
-    from selagg_utils.probing import position_accuracy
-
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(60, 1 + 16, 8, generator=g).half()
-    labels = torch.arange(60) % 3
-    train, test = TokenSet(tokens[:40], labels[:40], 1, True, (4, 4)), TokenSet(tokens[40:], labels[40:], 1, True, (4, 4))
-    assert torch.equal(position_accuracy(train, test, chunk=1), position_accuracy(train, test, chunk=16))
-    assert position_accuracy(train, test).shape == (4, 4)

@@ -62,13 +62,13 @@ def test_statistics_table_has_a_row_per_block_and_only_measured_columns(explorer
 def test_bench_table_in_a_notebook_leaves_out_columns_without_values(monkeypatch, capsys):
     import IPython
 
-    from selagg_utils import bench
+    from selagg_utils import bench, bench_report
 
     shown = []
     monkeypatch.setattr(IPython, "get_ipython", lambda: object())
     monkeypatch.setattr(viz, "show_table", shown.append)
     rows = [bench.BenchRow(step="eager", device="cpu", model="m", batch_size=8, precision="fp32", median_ms=2.0)]
-    bench.show(rows)
+    bench_report.show(rows)
     (table,) = shown
     assert table.header == ["step", "batch", "prec", "median ms"]
     assert table.rows == [["eager", "8", "fp32", "2.0"]]
@@ -78,14 +78,14 @@ def test_bench_table_in_a_notebook_leaves_out_columns_without_values(monkeypatch
 def test_bench_table_in_a_notebook_names_a_setting_every_row_shares_once(monkeypatch, capsys):
     import IPython
 
-    from selagg_utils import bench
+    from selagg_utils import bench, bench_report
 
     shown = []
     monkeypatch.setattr(IPython, "get_ipython", lambda: object())
     monkeypatch.setattr(viz, "show_table", shown.append)
     rows = [bench.BenchRow(step=s, device="cpu", model="m", batch_size=64, precision=p, median_ms=ms, params=10)
             for s, p, ms in (("eager", "fp32", 2.0), ("autocast", "bf16", 1.0))]
-    bench.show(rows)
+    bench_report.show(rows)
     (table,) = shown
     assert table.header == ["step", "prec", "median ms"]
     assert "every row: batch 64, params 10" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""Tests of selagg_utils.bench_probes: probe banks, tokens kept in memory, the probe side of the ladder."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from selagg_utils import SelaggError, bench_probes
+from selagg_utils.models import tiny_vit
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return tiny_vit(depth=1).eval().requires_grad_(False)
+
+
+def test_probes_of_each_kind_give_logits(small_vit):
+    tokens = torch.randn(3, 65, 128)
+    for kind in bench_probes.PROBE_KINDS:
+        assert bench_probes.make_probe(kind, small_vit, 10)(tokens).shape == (3, 10)
+    with pytest.raises(SelaggError, match="Unknown probe"):
+        bench_probes.make_probe("transformer", small_vit, 10)
+
+
+def test_bad_step_counts_are_refused(small_vit):
+    with pytest.raises(SelaggError, match="steps"):
+        bench_probes.probe_data(small_vit, 4, 0, CPU)
+
+
+def test_tokens_in_memory_are_the_backbones_tokens_in_the_runs_precision(small_vit):
+    data = bench_probes.probe_data(small_vit, 4, 2, CPU)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        tokens = bench_probes.tokens_in_memory(small_vit, data.images, precision)
+        assert tokens.shape == (8, 65, 128) and tokens.dtype == dtype
+    expected = torch.cat([small_vit.forward_features(x) for x in data.images])
+    torch.testing.assert_close(bench_probes.tokens_in_memory(small_vit, data.images, "fp32"), expected)
+
+
+def test_one_pass_over_many_lrs_equals_separate_runs(small_vit):
+    lrs = bench_probes.learning_rates(3)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1.0)
+    torch.manual_seed(0)
+    bank, opt = bench_probes.probe_bank("abmilp", small_vit, 10, lrs)
+    assert sorted({g["lr"] for g in opt.param_groups}) == sorted(lrs)
+    singles = []
+    for probe, lr in zip(bench_probes.bank_members(bank), lrs):
+        one, one_opt = bench_probes.probe_bank("abmilp", small_vit, 10, [lr])
+        bench_probes.bank_members(one)[0].load_state_dict(probe.state_dict())
+        singles.append((one, one_opt))
+    tokens, labels = torch.randn(8, 65, 128), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        bench_probes.train_step_fn(bank, opt, "fp32")(tokens, labels)
+        for one, one_opt in singles:
+            bench_probes.train_step_fn(one, one_opt, "fp32")(tokens, labels)
+    for probe, (one, _) in zip(bench_probes.bank_members(bank), singles):
+        for a, b in zip(probe.parameters(), bench_probes.bank_members(one)[0].parameters()):
+            torch.testing.assert_close(a, b)
+
+
+def test_probe_ladder_caches_and_compares(small_vit):
+    data = bench_probes.probe_data(small_vit, 8, 2, CPU)
+    rows = bench_probes.probe_ladder(small_vit, data, "fp32", repeats=2, n_lrs=2)
+    by_step = {r.step: r for r in rows}
+    assert all(r.ok for r in rows)
+    assert list(by_step) == ["cache tokens (once)", "online epoch, linear", "cached epoch, linear",
+                             "2 lrs, 2 cached passes", "2 lrs, one cached pass", "linear head, cached epoch",
+                             "abmilp head, cached epoch", "attentive head, cached epoch"]
+    assert data.tokens.shape == (16, 65, 128)
+    online, cached = by_step["online epoch, linear"], by_step["cached epoch, linear"]
+    assert cached.versus == "online epoch, linear" and online.repeats == cached.repeats == 2
+    assert online.gflop_per_image > cached.gflop_per_image > 0  # the online epoch also runs the backbone
+    assert by_step["2 lrs, one cached pass"].versus == "2 lrs, 2 cached passes"
+    heads = [by_step[f"{k} head, cached epoch"] for k in ("linear", "abmilp", "attentive")]
+    assert heads[0].params < heads[1].params < heads[2].params
+    assert heads[1].versus == heads[2].versus == "linear head, cached epoch"
