@@ -281,6 +281,16 @@ def statistics_table(stats, statistics: list[str], digits: int = 3) -> Table:
                                                 f"{stats.layout.num_patches} patches")
 
 
+def glue(name: str, text: str) -> str:
+    """Store `text` under `name` for the book's pages ({glue:text} there); returns it. A no-op without myst-nb (Colab)."""
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return text
+    myst_glue(name, text, display=False)
+    return text
+
+
 def show_table(header: list[str] | Table, rows: list[list] | None = None) -> None:
     """Display a table: HTML in a notebook and in the rendered book, Markdown text outside IPython."""
     table = header if isinstance(header, Table) else Table(header, rows)
