@@ -24,6 +24,10 @@ from .checks import all_finite, check_finite_items
 from .errors import SelaggError
 from .progress import progress_bar
 
+__all__ = ["STATISTICS", "BLOCK_ONLY", "TokenLayout", "token_layout", "check_vit", "attention_modules",
+           "unfused_attention", "attention_hooks", "AttentionMaps", "attention_maps", "renormalised_entropy",
+           "batch_statistics", "residual_ratios", "AttentionStatistics", "attention_statistics"]
+
 #: Every statistic `attention_statistics` can return, with what it measures (per block; per head where it has one).
 STATISTICS: dict[str, str] = {
     "cls_self": "[cls] self-attention A[cls, cls]",

@@ -15,6 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import SelaggError
 
+__all__ = ["sha256_of", "manifest_path", "TEMPORARY", "host_tag", "temporary_prefix", "process_alive",
+           "remove_orphaned_temporaries", "save_checkpoint", "read_manifest", "load_checkpoint", "sub_state"]
+
 
 def sha256_of(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""

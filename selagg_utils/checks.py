@@ -16,6 +16,9 @@ import torch
 
 from .errors import SelaggError
 
+__all__ = ["all_finite", "first_nonfinite_item", "check_finite_items", "update_digest", "DIGEST_PIECE",
+           "tensors_digest", "notice", "whole_number", "real_number"]
+
 #: Bits of the exponent of each half-precision format: all set means inf or NaN.
 _EXPONENT_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 

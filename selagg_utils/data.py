@@ -32,6 +32,14 @@ from torch.utils.data import Dataset
 
 from .errors import SelaggError
 
+__all__ = ["SPLITS", "DigitsRecipe", "DEFAULT_SIZES", "ClutteredDigits", "source_indices", "render_cluttered_digits",
+           "cluttered_digits", "DigitStream", "labels_of", "class_quotas", "stratified_positions",
+           "stratified_subset", "example_indices", "DATA_CONFIG_KEYS", "default_data_config", "model_data_config",
+           "resolved_data_config", "eval_transform", "normalization", "displayable", "rgb_image",
+           "checked_image_folder", "image_folder", "IMAGENETTE_URL", "IMAGENETTE_MD5", "IMAGENETTE_FOLDER",
+           "data_root", "file_md5", "imagenette_archive", "imagenette_folder", "imagenette", "DatasetSource",
+           "REGISTRY", "available_datasets", "DATASETS", "load_dataset", "load_split"]
+
 if TYPE_CHECKING:
     from .config import ScaleSettings
 

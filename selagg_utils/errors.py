@@ -1,6 +1,8 @@
 """The one exception type the package raises for a reader's mistake."""
 from __future__ import annotations
 
+__all__ = ["SelaggError"]
+
 
 class SelaggError(ValueError):
     """An error meant for the reader: one sentence that says what was wrong and what to do.

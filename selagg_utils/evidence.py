@@ -11,6 +11,8 @@ from .models import tiny_checkpoint_path, tiny_vit
 from .pretrain import MaskedAutoencoder, hidden_patch_mse, mean_fill_baseline
 from .linear_eval import knn_accuracy, logistic_probe_accuracy
 
+__all__ = ["probe_report", "load_tiny_mae", "reconstruction_report"]
+
 
 def probe_report(name: str, train: Dataset, test: Dataset, device: str | torch.device = "cpu") -> dict[str, float]:
     """k-NN and logistic-regression test accuracy on [cls] and on mean-pooled patches for one backbone.

@@ -67,6 +67,12 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent fills only repeat the work
     fcntl = None
 
+__all__ = ["TokenSet", "PooledFeatures", "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
+           "extract_tokens", "extract_blocks", "tokens_after", "cache_dir", "entry_path", "cache_key",
+           "backbone_identity", "dataset_identity", "state_digest", "key_digest", "key_text", "read_entry",
+           "save_entry", "entry_checksum", "file_checksum", "DamagedEntry", "CACHE_ENV", "CACHE_FORMAT",
+           "VERIFY_EVERY_LOAD_BYTES"]
+
 CACHE_ENV = "SELAGG_CACHE"
 CACHE_FORMAT = 3
 _REPAIR = "remove or repair it, or pass a dataset without it"

@@ -12,6 +12,12 @@ from timm.models.vision_transformer import VisionTransformer
 from .checkpoints import load_checkpoint, read_manifest, sha256_of, sub_state
 from .errors import SelaggError
 
+__all__ = ["CHECKPOINT_DIR", "TINY_CONFIG", "TINY_NAMES", "FULL_NAMES", "RANDOM_INIT_SEED", "tiny_vit",
+           "check_image_size", "tiny_checkpoint_path", "BackboneSpec", "resolve_backbone", "is_timm_name",
+           "full_scale_img_size", "data_config", "load_backbone", "uses_pretrained_weights", "weights_cached",
+           "check_weights_reachable", "model_from_checkpoint", "load_weights", "vit_config", "has_cls_token", "num_prefix_tokens",
+           "patch_grid"]
+
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 #: The tiny ViT every offline chapter uses: 32x32 grayscale, 4x4 patches (an 8x8 grid), 6 blocks.
@@ -309,6 +315,16 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
                                          f"unexpected: {', '.join(unexpected[:3])}" if unexpected else ""]))
         raise SelaggError(f"The weights in {source} do not fit the model its manifest describes ({detail}).")
     model.load_state_dict(state)
+
+
+def vit_config(model: VisionTransformer) -> dict:
+    """The keyword arguments that rebuild a (tiny) ViT's architecture, read from the model object itself."""
+    block = model.blocks[0]
+    return dict(img_size=int(model.patch_embed.img_size[0]), patch_size=int(model.patch_embed.patch_size[0]),
+                in_chans=int(model.patch_embed.proj.in_channels), embed_dim=int(model.embed_dim),
+                depth=len(model.blocks), num_heads=int(block.attn.num_heads),
+                mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, num_classes=int(model.num_classes),
+                global_pool=model.global_pool)
 
 
 def has_cls_token(model: VisionTransformer) -> bool:

@@ -17,6 +17,9 @@ from torch import nn
 
 from .progress import progress_bar
 
+__all__ = ["patchify", "unpatchify", "random_masking", "MaeDecoder", "MaskedAutoencoder", "mean_fill_baseline",
+           "hidden_patch_mse", "random_views", "info_nce", "ContrastiveJEA", "train_steps"]
+
 
 # ----------------------------------------------------------------------------- patches
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

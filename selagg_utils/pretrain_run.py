@@ -13,8 +13,10 @@ from .checkpoints import save_checkpoint
 from .config import device as pick_device
 from .devices import device_name
 from .data import DigitStream, DigitsRecipe
-from .models import CHECKPOINT_DIR, TINY_CONFIG, tiny_vit
+from .models import CHECKPOINT_DIR, tiny_vit, vit_config
 from .pretrain import ContrastiveJEA, MaskedAutoencoder, train_steps
+
+__all__ = ["DEFAULTS", "code_version", "pretrain_tiny"]
 
 DEFAULTS = {"mae": {"steps": 2400, "lr": 1.5e-3}, "jea": {"steps": 600, "lr": 1e-3}, "random": {"steps": 0, "lr": 0.0}}
 
@@ -56,8 +58,9 @@ def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, 
         "name": f"tiny-{method}",
         "method": {"mae": "masked autoencoder (MAE)", "jea": "contrastive joint-embedding (InfoNCE on [cls])",
                    "random": "untrained control (random initialisation)"}[method],
-        "model_config": TINY_CONFIG,
-        "decoder_config": ({"dim": 128, "depth": 2, "num_heads": 4, "mask_ratio": model.mask_ratio,
+        "model_config": vit_config(encoder),
+        "decoder_config": ({"dim": model.decoder.embed.out_features, "depth": len(model.decoder.blocks),
+                            "num_heads": model.decoder.blocks[0].attn.num_heads, "mask_ratio": model.mask_ratio,
                             "norm_eps": model.norm_eps, "stats_weight": model.stats_weight,
                             "stats_head": "MLP on the decoder's features, detached (does not train the encoder)"}
                            if method == "mae" else None),

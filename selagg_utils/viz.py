@@ -13,6 +13,10 @@ import torch
 
 from .errors import SelaggError
 
+__all__ = ["show_source", "image_grid", "outline_mask", "displayable", "overlay_attention", "attention_grid",
+           "block_curves", "attention_explorer_figure", "figure_png", "attention_explorer", "PictureBox",
+           "grid_heatmaps", "weight_rows", "Table", "markdown_table", "statistics_table", "glue", "show_table"]
+
 
 def show_source(obj) -> None:
     """Display the source code of a package function or class, highlighted, in a notebook."""

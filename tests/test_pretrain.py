@@ -1,4 +1,5 @@
 """The two pretraining recipes: shapes, masking, and a few steps that lower the loss."""
+import pytest
 import torch
 
 from selagg_utils.data import DigitStream
@@ -68,3 +69,30 @@ def test_patch_statistics_loss_trains_the_stats_head_but_not_the_encoder_or_deco
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mae.decoder.stats.parameters())
     others = [p for n, p in mae.named_parameters() if not n.startswith("decoder.stats.")]
     assert all(p.grad is None or not p.grad.any() for p in others)
+
+
+@pytest.mark.parametrize("method", ["mae", "jea"])
+def test_the_pretraining_script_writes_a_loadable_checkpoint_whose_manifest_describes_the_model(method, tmp_path):
+    """`make checkpoints` in miniature: one step of the real script, into a temporary folder, never the shipped ones."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from selagg_utils.models import load_backbone, tiny_checkpoint_path, vit_config
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = tiny_checkpoint_path(f"tiny-{method}").read_bytes()
+    done = subprocess.run([sys.executable, str(root / "scripts" / "pretrain_tiny.py"), "--method", method, "--steps", "1",
+                           "--batch-size", "8", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = tmp_path / f"tiny-{method}.safetensors"
+    model, manifest = load_backbone(path), json.loads(path.with_suffix(".json").read_text())
+    assert manifest["model_config"] == vit_config(model) == vit_config(load_backbone(f"tiny-{method}"))
+    assert manifest["training_recipe"]["steps"] == 1 and manifest["images_seen"] == 8
+    if method == "mae":  # the decoder's recorded shape rebuilds the shipped decoder
+        assert manifest["decoder_config"] | {"stats_head": None} == json.loads(
+            tiny_checkpoint_path("tiny-mae").with_suffix(".json").read_text())["decoder_config"] | {"stats_head": None}
+    assert tiny_checkpoint_path(f"tiny-{method}").read_bytes() == shipped  # the shipped checkpoint is untouched
