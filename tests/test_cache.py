@@ -16,12 +16,6 @@ from selagg_utils.data import ClutteredDigits, load_dataset
 from selagg_utils.models import load_backbone
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(feat.CACHE_ENV, str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_dataset("cluttered-digits", "val", n_images=12, seed=0)

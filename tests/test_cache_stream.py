@@ -25,12 +25,6 @@ from selagg_utils.models import load_backbone, tiny_vit
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(feat.CACHE_ENV, str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @pytest.fixture(scope="module")
 def data():
     return cluttered_digits("val", n_images=64)

@@ -13,18 +13,7 @@ from selagg_utils.models import tiny_vit
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def small_vit() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_vit(depth=1).eval().requires_grad_(False)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, small_vit: conftest.py
 
 
 # ---------------------------------------------------------------- clocks
