@@ -13,6 +13,7 @@ line: images in the store, images extracted now, seconds, images per second, byt
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-images", type=int, default=None, help="at most this many images of the split")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default=None,
                         help="process-group backend (default: nccl with GPUs, else gloo)")
+    parser.add_argument("--report", type=Path, default=None, help="also write the summary as JSON to this file")
     return parser.parse_args(argv)
 
 
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             if info.is_main:
                 n_now = sum(store.shards[i]["stop"] - store.shards[i]["start"] for i in store.extracted)
                 print(summary_line(len(store), n_now, seconds, store.nbytes(), info.world_size, args.out), flush=True)
+                if args.report is not None:
+                    args.report.write_text(json.dumps({"images": len(store), "extracted": n_now, "seconds": seconds,
+                                                       "processes": info.world_size, "bytes": store.nbytes(),
+                                                       "shards_extracted": list(store.extracted)}) + "\n")
     except SelaggError as err:
         print(f"SelaggError: {err}", file=sys.stderr)
         return 2

@@ -245,6 +245,9 @@ def test_not_a_store_and_bad_arguments_are_refused(tmp_path, reference, data):
     (tmp_path / "file").write_text("")
     with pytest.raises(SelaggError, match="is a file, not a folder"):
         extract_to_store(BACKBONE, data, tmp_path / "file")
+    if sys.platform.startswith("linux"):  # /proc takes no new folders, even from root
+        with pytest.raises(SelaggError, match="cannot be written"):
+            extract_to_store(BACKBONE, data, "/proc/selagg-store")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU, so NCCL is not missing")
