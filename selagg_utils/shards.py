@@ -38,7 +38,7 @@ from .checks import whole_number
 from .distributed import ProcessInfo, barrier, current_process, gathered_objects
 from .errors import SelaggError
 from .features import (TokenSet, backbone_identity, check_extraction_inputs, compute_precision, dataset_identity,
-                       extract_blocks, key_digest, size_text)
+                       extract_blocks, key_digest, size_text, token_shape)
 from .progress import progress_bar
 
 __all__ = ["STORE_FORMAT", "STORED_DTYPES", "INDEX_NAME", "TokenLayout", "TokenStore", "extract_to_store",
@@ -318,13 +318,13 @@ def extract_to_store(backbone: str | os.PathLike, dataset: Dataset, out: str | o
     remove_orphaned_temporaries(folder)
     digest = key_digest(identity)
     mine = range(info.rank, len(ranges), info.world_size)
-    missing = sorted(i for part in gathered_objects([i for i in mine if not complete_shard(folder, i, ranges[i], digest)])
-                     for i in part)
+    unfinished = [i for i in mine if not complete_shard(folder, i, ranges[i], digest)]
+    missing = sorted(i for part in gathered_objects(unfinished) for i in part)
     todo = missing[info.rank::info.world_size]  # the missing shards, shared out again: balanced on a resume
     if todo:
         net = model if model is not None else load_backbone(backbone, device=device)
-        n_tokens, width = int(net.patch_embed.num_patches) + num_prefix_tokens(net), int(net.embed_dim)
-        check_disk_room(folder, sum(shard_bytes(ranges[i][1] - ranges[i][0], n_tokens, width, dtype) for i in todo))
+        n_tokens, width = token_shape(net)  # room for every missing shard: the ranks share one folder
+        check_disk_room(folder, sum(shard_bytes(ranges[i][1] - ranges[i][0], n_tokens, width, dtype) for i in missing))
         layout = TokenLayout(num_prefix_tokens(net), has_cls_token(net), tuple(patch_grid(net)))
         for i in progress_bar(todo, enabled=progress and info.is_main, desc="extracting shards"):
             subset = Subset(dataset, range(*ranges[i]))
@@ -357,12 +357,16 @@ def shard_header(path: Path) -> ShardHeader:
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            if size > min(os.fstat(f.fileno()).st_size - 8, 100 << 20):
+            file_size = os.fstat(f.fileno()).st_size
+            if size > min(file_size - 8, 100 << 20):
                 raise ValueError("header length beyond the file")
             header = json.loads(f.read(size).decode("utf-8"))
         meta = header.pop("__metadata__", {}) or {}
         tensors = {name: (_SAFETENSORS_DTYPES[t["dtype"]], tuple(t["shape"]), 8 + size + t["data_offsets"][0],
                           8 + size + t["data_offsets"][1]) for name, t in header.items()}
+        for dtype, shape, start, end in tensors.values():
+            if end - start != dtype.itemsize * math.prod(shape) or start % dtype.itemsize or end > file_size:
+                raise ValueError("tensor bytes beyond the file or of the wrong size")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SelaggError(f"The shard {path} is not a readable safetensors file ({type(err).__name__}); {_REDO}.") \
             from None
@@ -430,10 +434,14 @@ class TokenStore:
         if len(spans) != math.ceil(n / max(size, 1)):
             raise self.mismatch(f"it lists {len(spans)} shards where {n} images in shards of {size} need "
                                 f"{math.ceil(n / max(size, 1))}")
-        if spans != shard_ranges(n, size):
-            bad = next(i for i, s in enumerate(spans) if i >= len(shard_ranges(n, size)) or s != shard_ranges(n, size)[i])
+        planned = shard_ranges(n, size)
+        if spans != planned:
+            bad = next(i for i, (got, want) in enumerate(zip(spans, planned)) if got != want)
             raise self.mismatch(f"shard {bad} is listed with images {spans[bad][0]} to {spans[bad][1]}, not "
-                                f"{shard_ranges(n, size)[bad][0]} to {shard_ranges(n, size)[bad][1]}")
+                                f"{planned[bad][0]} to {planned[bad][1]}")
+        if index["dtype"] not in STORED_DTYPES or index["dtype"] != index["identity"].get("dtype"):
+            raise self.mismatch(f"it stores {index['dtype']!r} tokens, its identity says "
+                                f"{index['identity'].get('dtype')!r}")
         if index.get("identity_digest") != key_digest(index["identity"]):
             raise self.mismatch("its identity digest is not the digest of its identity")
 
@@ -527,7 +535,7 @@ class TokenStore:
         return torch.cat(spans) if spans else torch.empty(0, dtype=torch.int64)
 
     def token_set(self, part: int = 0, parts: int = 1) -> TokenSet:
-        """The tokens (float16) and labels of the shards assigned to `part` of `parts`; part 0 of 1 = the whole split."""
+        """Tokens (float16) and labels of the shards assigned to `part` of `parts`; part 0 of 1 = the whole split."""
         chosen = self.part_shards(part, parts)
         n = sum(self.shards[i]["stop"] - self.shards[i]["start"] for i in chosen)
         tokens = torch.empty((n, self.n_tokens, self.width), dtype=torch.float16)

@@ -189,6 +189,13 @@ def test_a_shard_in_the_place_of_another_is_refused(copy):
         TokenStore(copy)
 
 
+def test_a_truncated_shard_is_named(copy):
+    path = copy / shard_name(4)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(SelaggError, match=r"shard-00004.safetensors has \d+ bytes, the index says"):
+        TokenStore(copy)
+
+
 def test_a_changed_shard_fails_its_checksum_when_read(copy):
     path = copy / shard_name(3)
     raw = bytearray(path.read_bytes())
