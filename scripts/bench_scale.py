@@ -153,8 +153,8 @@ def timed(fn: Callable[[], object]) -> float:
 
 def read_rows(store: TokenStore, label: str, repeats: int) -> list[Row]:
     """Cold and warm GB/s of token_set and of a pass over the mapped shards; the sha256 rate of verify()."""
-    passes: dict[str, Callable[[], object]] = {"token_set()": store.token_set, "mapped pass": lambda: mapped_pass(store),
-                                               "verify()": store.verify}
+    passes: dict[str, Callable[[], object]] = {"token_set()": store.token_set,
+                                               "mapped pass": lambda: mapped_pass(store), "verify()": store.verify}
     stored, n = stored_token_bytes(store), len(store)
     delivered = n * store.n_tokens * store.width * 2
     rows = []
