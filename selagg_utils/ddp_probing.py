@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 from .aggregation import negligible_grad_dropped
@@ -54,6 +53,22 @@ def _summed(t: torch.Tensor, info: ProcessInfo, op=dist.ReduceOp.SUM) -> torch.T
 def _wire_device(info: ProcessInfo) -> torch.device:
     """Where collectives take their tensors: the GPU under NCCL, else the CPU."""
     return info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class _SummedWithGradient(torch.autograd.Function):
+    """A sum over processes whose backward is the sum of the gradients over processes (as in SyncBatchNorm)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def _gathered(obj, info: ProcessInfo) -> list:
@@ -96,7 +111,7 @@ def synced_batch_norm(z: torch.Tensor, weight: torch.Tensor, batch: int, eps: fl
     The sums are added across processes with autograd, so gradients flow through the statistics.
     """
     w = weight[..., None]
-    add = (lambda t: dist_nn.all_reduce(t)) if info.world_size > 1 else (lambda t: t)
+    add = _SummedWithGradient.apply if info.world_size > 1 else (lambda t: t)
     mean = add((z * w).sum(1)) / batch  # (G, D)
     centred = z - mean[:, None]
     var = add((centred.square() * w).sum(1)) / batch
@@ -164,7 +179,8 @@ def _part_problem(train: TokenSet, val: TokenSet, test: TokenSet | None, indices
     splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
     for name, part in splits.items():
         if not isinstance(part, TokenSet):
-            return f"The {name} part must be a TokenSet (e.g. store.token_set(rank, world)), got a {type(part).__name__}."
+            return (f"The {name} part must be a TokenSet (e.g. store.token_set(rank, world)), got a "
+                    f"{type(part).__name__}.")
     if len(train) == 0:
         return ("This process holds no training images; start at most as many processes as the store has shards, "
                 "so that every process holds some.")
@@ -196,7 +212,7 @@ def _global_indices(indices: torch.Tensor | None, sizes: list[int], info: Proces
 
 
 def global_labels(labels: torch.Tensor, indices: torch.Tensor, n: int, info: ProcessInfo) -> torch.Tensor:
-    """The labels of the whole split by global index (N,); SelaggError unless the parts hold every index exactly once."""
+    """The labels of the whole split by global index (N,); SelaggError unless the parts hold each index once."""
     inside = bool(((indices >= 0) & (indices < n)).all())
     _raise_if_any(None if inside else f"train_indices hold values outside 0..{n - 1}, but the parts hold {n} "
                   "images together; pass each part's global indices (store.part_indices(rank, world)).", info)
@@ -216,7 +232,7 @@ def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, tes
                              recipe: ProbeRecipe | None = None, seeds=(0,), info: ProcessInfo | None = None, *,
                              train_indices: torch.Tensor | None = None, progress: bool = False,
                              **head_kwargs) -> list[ProbeResult]:
-    """`probing.train_probes` on the whole split, each process holding its part of train, val and test; the same result on every process.
+    """`probing.train_probes` on whole splits of which each process holds a part; the same result on every process.
 
     `train_indices` are the global indices of this part's training images (`store.part_indices(rank,
     world)`); without them the parts are taken to lie end to end in rank order.
@@ -270,7 +286,7 @@ def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, tes
 
 
 def _same_weights_everywhere(stack: ProbeStack, info: ProcessInfo) -> None:
-    """Rank 0's float weights and statistics copied to every process (they agree already, to the last bits or nearly)."""
+    """Rank 0's float weights and statistics copied to every process (they agree already, to the last bit or nearly)."""
     if info.world_size == 1:
         return
     tensors = [t for t in stack.state_dict().values() if t.is_floating_point()]
@@ -295,11 +311,12 @@ def _accuracy_summed(head, tokens: TokenSet, n: int, info: ProcessInfo, batch_si
 def bench_probe_epoch(head_name: str = "abmilp", images: int = 256, num_tokens: int = 197, dim: int = 768,
                       lrs: int = 8, batch_size: int = 256, epochs: int = 2, classes: int = 10,
                       info: ProcessInfo | None = None, seed: int = 0) -> dict:
-    """Seconds per training epoch of a probe sweep (one head, `lrs` learning rates) per GB of float16 training tokens.
+    """Seconds per training epoch of a probe sweep (one head, `lrs` learning rates) per GB of float16 tokens read.
 
-    Random tokens (images, num_tokens, dim), split into one part per process; one epoch's time is
-    the difference between runs of 1 + `epochs` and 1 epoch, divided by `epochs`, so that setting up
-    and scoring are left out. Every process returns the same row.
+    An epoch reads `images // batch_size` whole global batches. Random tokens (images, num_tokens, dim),
+    split into one part per process; one epoch's time is the difference between runs of 1 + `epochs`
+    and 1 epoch, divided by `epochs`, so that setting up and scoring are left out. Every process
+    returns the same row.
     """
     info = info or current_process()
     side = int(round((num_tokens - 1) ** 0.5))
@@ -323,7 +340,8 @@ def bench_probe_epoch(head_name: str = "abmilp", images: int = 256, num_tokens: 
 
     once = run(1)
     per_epoch = max(run(1 + epochs) - once, 0.0) / epochs
-    gb = images * num_tokens * dim * 2 / 1e9
+    batch = min(batch_size, images)
+    gb = images // batch * batch * num_tokens * dim * 2 / 1e9  # an epoch reads whole batches only
     return {"head": head_name, "lrs": lrs, "processes": info.world_size, "images": images, "num_tokens": num_tokens,
-            "dim": dim, "batch_size": min(batch_size, images), "train_gb": gb, "seconds_per_epoch": per_epoch,
+            "dim": dim, "batch_size": batch, "train_gb": gb, "seconds_per_epoch": per_epoch,
             "seconds_per_epoch_per_gb": per_epoch / gb, "device": str(info.device)}

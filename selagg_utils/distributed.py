@@ -29,7 +29,7 @@ class ProcessInfo:
 
 
 def check_backend(backend: str | None) -> str:
-    """The backend to use ('gloo' or 'nccl'; None picks nccl with GPUs, else gloo); SelaggError when the machine lacks it."""
+    """The backend to use ('gloo' or 'nccl'; None: nccl with GPUs, else gloo); SelaggError if the machine lacks it."""
     if backend is None:
         return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend not in ("gloo", "nccl"):
@@ -43,7 +43,7 @@ def check_backend(backend: str | None) -> str:
 
 @contextmanager
 def process_group(backend: str | None = None) -> Iterator[ProcessInfo]:
-    """Join torchrun's process group (env RANK/WORLD_SIZE/MASTER_ADDR...) or act as one process when not under torchrun."""
+    """Join torchrun's process group (env RANK/WORLD_SIZE/MASTER_ADDR...), or act as one process outside torchrun."""
     backend = check_backend(backend)
     if "RANK" not in os.environ or dist.is_initialized():
         if dist.is_initialized():

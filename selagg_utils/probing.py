@@ -29,8 +29,8 @@ from .progress import progress_bar
 from .stacking import ProbeStack, diverged_copies, stack_accuracy, training_source
 
 __all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "train_probes", "train_probe", "fit_stack",
-           "cross_entropy_backward", "probe_accuracy", "head_weights", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
-           "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR"]
+           "probe_accuracy", "head_weights", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
+           "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR", "cross_entropy_backward"]
 
 
 # ----------------------------------------------------------------------------- the recipe and the probe head

@@ -23,8 +23,8 @@ from .features import TokenSet
 if TYPE_CHECKING:
     from .probing import ProbeHead
 
-__all__ = ["ProbeStack", "stack_accuracy", "stack_correct", "diverged_copies", "training_source", "can_stack", "stacked_pooled",
-           "softmax_pooled"]
+__all__ = ["ProbeStack", "stack_accuracy", "stack_correct", "diverged_copies", "training_source", "can_stack",
+           "stacked_pooled", "softmax_pooled"]
 
 
 # ----------------------------------------------------------------------------- pooling heads, K copies at once
