@@ -79,8 +79,9 @@ def summary_line(row: dict) -> str:
     tests = [s["test"] for s in seeds if s["test"] is not None]
     test = f", test {100 * sum(tests) / len(tests):.1f}%" if tests else ""
     lrs = ", ".join(f"{s['best_lr']:g}" for s in seeds)
+    size = f"{row['train_bytes'] / 1e9:.2f} GB" if row["train_bytes"] >= 1e9 else f"{row['train_bytes'] / 1e6:.1f} MB"
     return (f"{row['head']}: lr {lrs}, val {100 * val:.1f}%{test} (mean over {len(seeds)} seed(s)); "
-            f"{row['train_images']} training images ({row['train_bytes'] / 1e9:.3f} GB), {row['epochs']} epochs, "
+            f"{row['train_images']} training images ({size}), {row['epochs']} epochs, "
             f"{row['processes']} process(es), {row['seconds']:.1f} s")
 
 

@@ -1,8 +1,11 @@
 """Probe sweeps trained by two processes (gloo on the CPU) equal one process on the whole split."""
 import copy
+import functools
 import importlib.util
 import json
+import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +27,7 @@ SEEDS = (0, 1)
 
 
 def toy(n: int, seed: int, shift: torch.Tensor | None = None) -> TokenSet:
-    """Tokens whose class is written into one random patch of 16, with a flag an attention head can find; [cls] weakly informative."""
+    """Tokens whose class is written into one of 16 patches, with a flag an attention head can find; [cls] weakly."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % C
     x = torch.randn(n, T, D, generator=g) * 0.5
@@ -38,7 +41,7 @@ def toy(n: int, seed: int, shift: torch.Tensor | None = None) -> TokenSet:
 
 
 def shard_parts(n: int, shard_size: int, world: int) -> list[torch.Tensor]:
-    """Global indices of each part when shard i of `shard_size` images goes to part i % world (as a token store does)."""
+    """Global indices of each part when shard i of `shard_size` images goes to part i % world (as in a token store)."""
     shard = torch.arange(n) // shard_size
     return [torch.nonzero(shard % world == r).flatten() for r in range(world)]
 
@@ -85,7 +88,8 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 1:
             part.tokens[3, 5, 0] = float("nan")
         try:
-            train_probes_distributed("abmilp", part, val, None, RECIPE, (0,), info, train_indices=torch.arange(rank, 60, 2))
+            train_probes_distributed("abmilp", part, val, None, RECIPE, (0,), info,
+                                     train_indices=torch.arange(rank, 60, 2))
             saved["nan"] = None
         except SelaggError as err:
             saved["nan"] = str(err)
@@ -102,6 +106,7 @@ def two_processes(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
+@functools.lru_cache(maxsize=None)
 def one_process(name: str):
     head, shift, _, _ = CASES[name]
     train, val, test = splits(shift)
@@ -122,7 +127,7 @@ def assert_equal_to_one_process(two_processes, name: str) -> None:
 
 
 def assert_same_head(state: dict, head, val: TokenSet) -> None:
-    """Weights close, but AbMILP's score bias, which a softmax ignores (rounding noise alone moves it), and logits close."""
+    """Weights close (but AbMILP's score bias: a softmax ignores it, so rounding noise alone moves it); logits close."""
     for key, value in head.state_dict().items():
         if not key.endswith("score.bias"):
             torch.testing.assert_close(state[key], value, atol=2e-5, rtol=1e-4, msg=f"{key} differs")
@@ -208,7 +213,8 @@ def test_the_script_writes_what_one_process_trains(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(script, "load_part", lambda path, info: stores[Path(path).name])
     out = tmp_path / "results.json"
     script.main(["--train", "train", "--val", "val", "--test", "test", "--head", "abmilp", "--epochs", "8",
-                 "--warmup-epochs", "1", "--batch-size", "16", "--lrs", "0.1", "1", "10", "--optimizer", "adamw", "--seeds", "0", "1",
+                 "--warmup-epochs", "1", "--batch-size", "16", "--lrs", "0.1", "1", "10", "--optimizer", "adamw",
+                 "--seeds", "0", "1",
                  "--out", str(out)])
     row = json.loads(out.read_text())
     ref = train_probes("abmilp", train, val, test, RECIPE, SEEDS)
@@ -219,5 +225,24 @@ def test_the_script_writes_what_one_process_trains(tmp_path, monkeypatch, capsys
 
 
 def test_the_script_under_torchrun_reads_token_stores(tmp_path):
-    pytest.importorskip("selagg_utils.shards", reason="the token store (selagg_utils.shards) is not in this tree yet")
-    pytest.skip("written once the token store lands: extract two small stores, then torchrun 2 processes")
+    """Two processes on stores of 4 shards each (rank 1 holding fewer images) write what one process trains."""
+    shards = pytest.importorskip("selagg_utils.shards", reason="the token store (selagg_utils.shards) is not here")
+    from selagg_utils.data import load_dataset
+
+    stores = {}
+    for split, n in (("train", 60), ("val", 30)):
+        stores[split] = shards.extract_to_store("tiny-random", load_dataset("cluttered-digits", split, n_images=n),
+                                                tmp_path / split, shard_size=16 if split == "train" else 8)
+    out = tmp_path / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "scripts" / "train_probes.py"), "--train", str(tmp_path / "train"), "--val",
+                           str(tmp_path / "val"), "--head", "abmilp", "--epochs", "8", "--warmup-epochs", "1",
+                           "--batch-size", "16", "--lrs", "0.1", "1", "10", "--optimizer", "adamw", "--out", str(out),
+                           "--backend", "gloo"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())
+    ref = train_probes("abmilp", stores["train"].token_set(), stores["val"].token_set(), None, RECIPE, (0,))[0]
+    assert row["seeds"][0]["best_lr"] == ref.best_lr and row["processes"] == 2
+    assert row["seeds"][0]["val_by_lr"] == pytest.approx(ref.val_by_lr, abs=1e-6)
+    assert done.stdout.count("abmilp: lr ") == 1  # one summary line, from rank 0
