@@ -30,7 +30,7 @@ from .stacking import ProbeStack, diverged_copies, stack_accuracy, training_sour
 
 __all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "train_probes", "train_probe", "fit_stack",
            "probe_accuracy", "head_weights", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
-           "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR"]
+           "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR", "cross_entropy_backward"]
 
 
 # ----------------------------------------------------------------------------- the recipe and the probe head
@@ -99,11 +99,14 @@ class ProbeHead(nn.Module):
 
 def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
               recipe: ProbeRecipe, seed: int | list[int] = 0, progress: bool = False,
-              lrs: list[float] | None = None) -> list[float]:
+              lrs: list[float] | None = None,
+              backward_of: Callable[[torch.Tensor], float] | None = None) -> list[float]:
     """Train the stack; `tokens_of(indices)` gives the tokens of a batch; returns the mean loss per step.
 
     `seed` (one per group) seeds each group's batch order; `lrs` (one per head) defaults to the
-    recipe's learning rates repeated for every group, scaled by batch / 256.
+    recipe's learning rates repeated for every group, scaled by batch / 256. `backward_of(indices)`,
+    when given, replaces the forward and backward pass of a batch (indices (S, B) into `labels`) and
+    returns its mean loss per copy; `ddp_probing` passes one that spans processes.
     """
     seeds = [seed] * stack.groups if isinstance(seed, int) else list(seed)
     n = len(labels)
@@ -116,7 +119,7 @@ def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tenso
     schedule = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup, warmup_prefix=True,
                                  t_in_epochs=False)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    per_group = len(stack.heads) // stack.groups
+    backward_of = backward_of or cross_entropy_backward(stack, tokens_of, labels, bs)
     stack.train()
     losses: list[float] = []
     bar = progress_bar(total=total, enabled=progress, desc="training probes", leave=False)
@@ -127,18 +130,28 @@ def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tenso
                 break
             idx = orders[:, i * bs:(i + 1) * bs]  # (S, B)
             schedule.step_update(len(losses))
-            logits = stack(tokens_of(idx[0] if stack.groups == 1 else idx))
-            y = labels[idx].to(logits.device).repeat_interleave(per_group, dim=0)  # (K, B)
-            # classes in the middle, (K, classes, B): on a CPU, cross-entropy over a dimension with a
-            # long inner one runs about twice as fast as over the last dimension of (K * B, classes)
-            loss = F.cross_entropy(logits.transpose(1, 2).contiguous(), y, reduction="sum") / bs
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.append(backward_of(idx))
             optimizer.step()
-            losses.append(loss.item() / len(stack.heads))
             bar.update()
     bar.close()
     return losses
+
+
+def cross_entropy_backward(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tensor],
+                           labels: torch.Tensor, bs: int) -> Callable[[torch.Tensor], float]:
+    """The forward and backward pass of one batch of indices (S, B) in one process; returns the mean loss per copy."""
+    per_group = len(stack.heads) // stack.groups
+
+    def backward_of(idx: torch.Tensor) -> float:
+        logits = stack(tokens_of(idx[0] if stack.groups == 1 else idx))
+        y = labels[idx].to(logits.device).repeat_interleave(per_group, dim=0)  # (K, B)
+        # classes in the middle, (K, classes, B): on a CPU, cross-entropy over a dimension with a
+        # long inner one runs about twice as fast as over the last dimension of (K * B, classes)
+        loss = F.cross_entropy(logits.transpose(1, 2).contiguous(), y, reduction="sum") / bs
+        loss.backward()
+        return loss.item() / len(stack.heads)
+    return backward_of
 
 
 @dataclass

@@ -23,8 +23,8 @@ from .features import TokenSet
 if TYPE_CHECKING:
     from .probing import ProbeHead
 
-__all__ = ["ProbeStack", "stack_accuracy", "diverged_copies", "training_source", "can_stack", "stacked_pooled",
-           "softmax_pooled"]
+__all__ = ["ProbeStack", "stack_accuracy", "stack_correct", "diverged_copies", "training_source", "can_stack",
+           "stacked_pooled", "softmax_pooled"]
 
 
 # ----------------------------------------------------------------------------- pooling heads, K copies at once
@@ -274,12 +274,19 @@ class ProbeStack(nn.Module):
 def stack_accuracy(stack: ProbeStack, tokens: torch.Tensor, labels: torch.Tensor,
                    batch_size: int = 1024) -> list[float]:
     """Accuracy of every copy, in eval mode."""
+    return (stack_correct(stack, tokens, labels, batch_size) / len(labels)).tolist()
+
+
+@torch.no_grad()
+def stack_correct(stack: ProbeStack, tokens: torch.Tensor, labels: torch.Tensor,
+                  batch_size: int = 1024) -> torch.Tensor:
+    """How many images every copy classifies correctly, (K,) float32, in eval mode."""
     stack.eval()
     correct = torch.zeros(len(stack.heads))
     for i in range(0, len(labels), batch_size):
         logits = stack(tokens[i:i + batch_size].float())
         correct += (logits.argmax(-1).cpu() == labels[i:i + batch_size]).sum(1)
-    return (correct / len(labels)).tolist()
+    return correct
 
 
 def diverged_copies(stack: ProbeStack) -> list[bool]:
