@@ -69,3 +69,28 @@ def test_the_blank_check_can_fail():
 
 def test_every_diagram_is_tested():
     assert set(LABELS) == set(diagrams.ALL)
+
+
+def diagram_cells() -> list[tuple[str, dict, str]]:
+    """(chapter, cell metadata, source) of every chapter cell that draws a diagram."""
+    import json
+    from pathlib import Path
+
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb")):
+        for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "code" and "diagrams." in source:
+                found.append((path.stem, cell["metadata"], source))
+    return found
+
+
+def test_every_diagram_is_placed_with_alt_text_and_a_caption():
+    drawn = set()
+    for chapter, meta, source in diagram_cells():
+        drawn |= {name for name in diagrams.ALL if f"diagrams.{name}(" in source}
+        assert "remove-input" in meta.get("tags", []), f"{chapter}: a diagram cell shows its code in the book"
+        options = meta.get("mystnb", {})
+        assert len(options.get("image", {}).get("alt", "")) > 40, f"{chapter}: a diagram without alt text"
+        assert options.get("figure", {}).get("caption") and options["figure"].get("name", "").startswith("fig-")
+    assert drawn == set(diagrams.ALL), f"diagrams no chapter shows: {set(diagrams.ALL) - drawn}"
