@@ -96,3 +96,22 @@ def test_page_in_chromium_loads_every_image_and_typesets_every_formula(html_dir,
     browser.set_window_size(1280, 900)
     defects = browser_defects(chapter, seen)
     assert not defects, " ".join(defects)
+
+
+def test_diagrams_are_on_their_pages_with_alt_text_and_caption(html_dir):
+    import html
+    import re
+
+    from test_diagrams import diagram_cells
+
+    cells = diagram_cells()
+    assert cells, "no chapter draws a diagram"
+    for chapter, meta, _ in cells:
+        figure = meta["mystnb"]["figure"]["name"]
+        page = page_of(html_dir, chapter).read_text(errors="replace")
+        found = re.search(rf'<figure[^>]*id="{figure}"[^>]*>(.*?)</figure>', page, re.S)
+        assert found, f"{chapter}: diagram {figure} is not on the page"
+        img = re.search(r'<img[^>]*src="[^"]*_images/[^>]*>', found.group(1))
+        alt = re.search(r'alt="([^"]*)"', img.group(0)) if img else None
+        assert alt and html.unescape(alt.group(1)) == meta["mystnb"]["image"]["alt"], f"{chapter}: {figure} lost its alt text"
+        assert "<figcaption" in found.group(1), f"{chapter}: {figure} has no caption"
