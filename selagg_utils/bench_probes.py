@@ -13,35 +13,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .aggregation import head_layout, make_head
+from .aggregation import HEAD_KINDS
 from .bench import BenchRow, MeasureOptions, measure, random_images
 from .devices import DTYPES, autocast
 from .errors import SelaggError
 from .optim import make_optimizer
-from .probing import ProbeHead, ProbeRecipe
+from .probing import ProbeRecipe, probe_head
 from .stacking import ProbeStack
 from .timing import count_flops, count_params, eager, forward_gflop_per_image
 
-__all__ = ["PROBE_KINDS", "pooling_head", "make_probe", "probe_bank", "bank_members", "learning_rates",
+__all__ = ["PROBE_KINDS", "probe_kind_head", "probe_bank", "bank_members", "learning_rates",
            "train_step_fn", "backbone_tokens", "tokens_in_memory", "ProbeData", "probe_data", "online_epoch_fn",
            "cached_epoch_fn", "training_gflop_per_image", "measure_epoch", "online_vs_cached", "one_vs_many_lrs",
            "compare_heads", "probe_ladder"]
 
-PROBE_KINDS = ("linear", "abmilp", "attentive")
+#: The probes the ladder compares, by name, and the head of `aggregation.HEAD_KINDS` each one pools with.
+PROBE_KINDS = {"linear": "cls", "abmilp": "abmilp", "attentive": "attentive"}
 
 
 # ---------------------------------------------------------------- probes
 
-def pooling_head(kind: str, model: nn.Module) -> nn.Module:
-    """The pooling head of a probe kind: 'linear' pools the [cls] token, 'abmilp' and 'attentive' are learned."""
+def probe_kind_head(kind: str) -> str:
+    """The registered head (`aggregation.HEAD_KINDS`) a probe kind of the ladder pools with."""
     if kind not in PROBE_KINDS:
-        raise SelaggError(f"Unknown probe {kind!r}; choose one of {', '.join(PROBE_KINDS)}.")
-    return make_head("cls" if kind == "linear" else kind, **head_layout(eager(model)))
-
-
-def make_probe(kind: str, model: nn.Module, num_classes: int) -> nn.Module:
-    """One probe for a backbone's tokens: the pooling head, then BatchNorm1d without affine and Linear."""
-    return ProbeHead(pooling_head(kind, model), num_classes)
+        raise SelaggError(f"Unknown probe {kind!r}; choose one of "
+                          f"{', '.join(f'{k} ({HEAD_KINDS[h].summary})' for k, h in PROBE_KINDS.items())}.")
+    return PROBE_KINDS[kind]
 
 
 def probe_bank(kind: str, model: nn.Module, num_classes: int, lrs: list[float],
@@ -50,7 +47,8 @@ def probe_bank(kind: str, model: nn.Module, num_classes: int, lrs: list[float],
 
     Uses `stacking.ProbeStack` (the probes computed in one batched call) and `optim.make_optimizer`.
     """
-    stack = ProbeStack([make_probe(kind, model, num_classes) for _ in lrs]).to(device)
+    stack = ProbeStack([probe_head(probe_kind_head(kind), eager(model), num_classes, seed=None)
+                        for _ in lrs]).to(device)
     return stack, make_optimizer(stack, ProbeRecipe(optimizer="lars"), list(lrs))
 
 
@@ -232,7 +230,7 @@ def one_vs_many_lrs(model: nn.Module, data: ProbeData, precision: str, *, n_lrs:
 
 
 def compare_heads(model: nn.Module, data: ProbeData, precision: str, *,
-                  heads: tuple[str, ...] = PROBE_KINDS, name: str = "",
+                  heads: tuple[str, ...] = tuple(PROBE_KINDS), name: str = "",
                   num_classes: int = 10, repeats: int = 3, peak: float | None = None) -> list[BenchRow]:
     """A cached epoch of each probe head: time, memory and parameter count, each against the first head."""
     _ensure_tokens(model, data, precision)
@@ -248,7 +246,7 @@ def compare_heads(model: nn.Module, data: ProbeData, precision: str, *,
 
 
 def probe_ladder(model: nn.Module, data: ProbeData, precision: str, *, name: str = "", num_classes: int = 10,
-                 repeats: int = 3, peak: float | None = None, heads: tuple[str, ...] = PROBE_KINDS,
+                 repeats: int = 3, peak: float | None = None, heads: tuple[str, ...] = tuple(PROBE_KINDS),
                  n_lrs: int = 8) -> list[BenchRow]:
     """The probe side of the ladder: online vs cached epochs, one vs many learning rates in one pass, and the heads."""
     common = dict(name=name, num_classes=num_classes, repeats=repeats, peak=peak)

@@ -136,10 +136,10 @@ def attention_explorer_figure(images: torch.Tensor, maps, image: int = 0, block:
     left.imshow(displayable(images[image]), cmap="gray")
     left.set_xticks([])
     left.set_yticks([])
-    index = maps.query_index(query) - layout.num_prefix
+    index = maps.query_index(query) - layout.num_prefix_tokens
     if index >= 0:  # a patch query: outline it
-        ph, pw = (s / g for s, g in zip(displayable(images[image]).shape[:2], layout.grid))
-        r, c = divmod(index, layout.grid[1])
+        ph, pw = (s / g for s, g in zip(displayable(images[image]).shape[:2], layout.grid_size))
+        r, c = divmod(index, layout.grid_size[1])
         left.add_patch(plt.Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="cyan", lw=2))
     left.set_title(f"image {image}, query {query}")
     artist = overlay_attention(right, images[image], amap)
@@ -163,8 +163,8 @@ def attention_explorer(images: torch.Tensor, maps):
     viewer without widgets) it shows as a picture of its current view.
     """
     blocks, n_images, heads = maps.probs.shape[:3]
-    queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid[0])
-                                                 for c in range(maps.layout.grid[1])]
+    queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid_size[0])
+                                                 for c in range(maps.layout.grid_size[1])]
     controls = {"image": widgets.IntSlider(0, 0, n_images - 1, description="image"),
                 "block": widgets.IntSlider(blocks, 1, blocks, description="block"),
                 "head": widgets.Dropdown(options=["mean", *range(1, heads + 1)], description="head"),

@@ -15,9 +15,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, small
 def test_probes_of_each_kind_give_logits(small_vit):
     tokens = torch.randn(3, 65, 128)
     for kind in bench_probes.PROBE_KINDS:
-        assert bench_probes.make_probe(kind, small_vit, 10)(tokens).shape == (3, 10)
-    with pytest.raises(SelaggError, match="Unknown probe"):
-        bench_probes.make_probe("transformer", small_vit, 10)
+        bank, _ = bench_probes.probe_bank(kind, small_vit, 10, [0.1, 0.01])
+        assert [probe(tokens).shape for probe in bench_probes.bank_members(bank)] == [(3, 10)] * 2
+    assert type(bench_probes.bank_members(bench_probes.probe_bank("linear", small_vit, 10, [0.1])[0])[0].pool)\
+        .__name__ == "ClsPool"
+    with pytest.raises(SelaggError, match="Unknown probe 'transformer'; choose one of linear"):
+        bench_probes.probe_kind_head("transformer")
 
 
 def test_bad_step_counts_are_refused(small_vit):
