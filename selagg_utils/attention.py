@@ -347,24 +347,19 @@ class _Accumulator:
         return AttentionStatistics(per_block, heads, self.n_images, self.layout, name)
 
 
-def _split_batch(batch, use_masks: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images and, when the batch carries them and they are wanted, object masks (B, gh, gw)."""
+def _split_batch(batch, use_masks: bool | None, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images and, when the batch carries them and they are wanted, the object masks as bool (B, gh, gw)."""
     images = batch if isinstance(batch, torch.Tensor) else batch[0]
     object_masks = None if isinstance(batch, torch.Tensor) or len(batch) < 3 or use_masks is False else batch[2]
     _check_images(images)
     if use_masks and object_masks is None:
         raise SelaggError("Object masks were asked for but the batches carry none; pass a loader over "
                           "dataset.with_object_masks(), whose items are (image, label, object mask).")
-    return images, object_masks
-
-
-def _checked_object_masks(object_masks: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """The object masks as bool (B, gh, gw), or a clear error when their grid is not the model's patch grid."""
-    if object_masks.ndim != 3 or tuple(object_masks.shape[1:]) != layout.grid_size:
+    if object_masks is not None and (object_masks.ndim != 3 or tuple(object_masks.shape[1:]) != layout.grid_size):
         raise SelaggError(f"Object masks of shape {tuple(object_masks.shape)} do not match the model's patch grid "
-                          f"{layout.grid_size}; give one (batch, {layout.grid_size[0]}, {layout.grid_size[1]}) boolean mask per "
-                          "image, built with the model's patch size.")
-    return object_masks.bool()
+                          f"{layout.grid_size}; give one (batch, {layout.grid_size[0]}, {layout.grid_size[1]}) "
+                          "boolean mask per image, built with the model's patch size.")
+    return images, None if object_masks is None else object_masks.bool()
 
 
 @torch.inference_mode()
@@ -374,7 +369,8 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
     """The statistics of STATISTICS, averaged over every image the loader yields, reduced batch by batch.
 
     Batches are images, (images, labels) or (images, labels, object masks); masks are used when
-    present unless `use_object_masks=False`. `autocast=None` means the GPU's native half precision (bf16, fp16 on a T4) and full precision on CPU.
+    present unless `use_object_masks=False`. `autocast=None` means the GPU's native half precision (bf16,
+    fp16 on a T4) and full precision on CPU.
     """
     layout, depth = token_layout(check_vit(model)), len(model.blocks)
     if isinstance(loader, torch.utils.data.Dataset):
@@ -387,11 +383,11 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
         bar = progress_bar(loader, enabled=progress, total=total, desc=f"attention statistics {name}".strip(),
                            leave=False)
         for number, batch in enumerate(bar):
-            images, masks = _split_batch(batch, use_object_masks)
+            images, object_masks = _split_batch(batch, use_object_masks, layout)
             if len(images) == 0:  # an empty batch adds no image: nothing to measure
                 continue
             check_finite_items(images, "Image", acc.n_images, "remove or repair that image before measuring attention")
-            acc.object_masks = None if masks is None else _checked_object_masks(masks, layout)
+            acc.object_masks = object_masks
             with devices.autocast(dev, autocast):
                 model.forward_features(images.to(dev, non_blocking=True))
             acc.n_images += len(images)

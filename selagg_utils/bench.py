@@ -350,8 +350,8 @@ def run_ladder(model_name: str, device: str | torch.device | None = None, sizes:
         from .bench_probes import probe_data, probe_ladder
 
         data = probe_data(model, sizes.batch, sizes.probe_steps, dev)
-        rows += probe_ladder(model, data, fastest_precision(rows), name=model_name, repeats=sizes.probe_repeats,
-                             peak=peak)
+        rows += probe_ladder(model, data, MeasureOptions(model=model_name, precision=fastest_precision(rows),
+                                                         repeats=sizes.probe_repeats, peak=peak))
     return rows
 
 

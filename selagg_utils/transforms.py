@@ -50,7 +50,7 @@ def resolved_data_config(data_config: dict | None = None, image_size: int | None
         raise SelaggError(f"data_config {'has unknown keys ' + ', '.join(unknown) if unknown else ''}"
                           f"{' and ' if unknown and missing else ''}{'lacks ' + ', '.join(missing) if missing else ''}"
                           f": it needs {', '.join(DATA_CONFIG_KEYS)} (crop_mode optional); pass "
-                          "timm.data.resolve_model_data_config(model) or data.model_data_config(model).")
+                          "timm.data.resolve_model_data_config(model) or transforms.model_data_config(model).")
     config = dict(data_config)
     size = config["input_size"]
     if not (isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):

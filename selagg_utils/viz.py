@@ -67,7 +67,7 @@ def outline_mask(ax: plt.Axes, mask: torch.Tensor, patch_size: int, color: str =
 def displayable(image: torch.Tensor) -> np.ndarray:
     """An image tensor (C, H, W) in [0, 1] as an array imshow can draw: (H, W) gray or (H, W, 3), clamped.
 
-    Normalised model inputs must be de-normalised first (`data.displayable`); stretching each image
+    Normalised model inputs must be de-normalised first (`transforms.displayable`); stretching each image
     to its own minimum and maximum would change its colours and contrast.
     """
     img = image.detach().float().cpu().clamp(0, 1)
@@ -215,17 +215,18 @@ def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: f
     return fig
 
 
-def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], masks: torch.Tensor | None = None,
+def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], object_masks: torch.Tensor | None = None,
                 patch_size: int | None = None, size: float = 1.5) -> plt.Figure:
-    """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale."""
+    """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale; the
+    object masks (B, gh, gw), if given, outlined."""
     n = len(images)
     fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.5, size * len(rows) + 0.4), squeeze=False)
     for r, (name, weights) in enumerate(rows.items()):
         vmax = float(weights.max())
         for i in range(n):
             artist = overlay_attention(axes[r, i], images[i], weights[i], vmax=vmax)
-            if masks is not None and patch_size is not None:
-                outline_mask(axes[r, i], masks[i], patch_size, color="cyan")
+            if object_masks is not None and patch_size is not None:
+                outline_mask(axes[r, i], object_masks[i], patch_size, color="cyan")
         axes[r, 0].set_ylabel(name, fontsize=8)
         fig.colorbar(artist, ax=axes[r].tolist(), shrink=0.8, label="weight")
     return fig

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from selagg_utils import SelaggError, bench_probes
+from selagg_utils.bench import MeasureOptions
 
 CPU = torch.device("cpu")
 
@@ -60,7 +61,7 @@ def test_one_pass_over_many_lrs_equals_separate_runs(small_vit):
 
 def test_probe_ladder_caches_and_compares(small_vit):
     data = bench_probes.probe_data(small_vit, 8, 2, CPU)
-    rows = bench_probes.probe_ladder(small_vit, data, "fp32", repeats=2, n_lrs=2)
+    rows = bench_probes.probe_ladder(small_vit, data, MeasureOptions(repeats=2), n_lrs=2)
     by_step = {r.step: r for r in rows}
     assert all(r.ok for r in rows)
     assert list(by_step) == ["cache tokens (once)", "online epoch, linear", "cached epoch, linear",

@@ -382,9 +382,9 @@ def test_entries_are_written_and_read_where_the_os_has_no_pread(tmp_path, monkey
     """Windows has no os.pread/os.pwrite: the seek-and-read fallback must write and read the same entry."""
     import os
 
-    from selagg_utils import data, features
+    from selagg_utils import digits, features
 
-    ds = data.cluttered_digits("val", n_images=40)
+    ds = digits.cluttered_digits("val", n_images=40)
     with_p = features.cached_tokens("tiny-random", ds, batch_size=16, directory=tmp_path / "a", progress=False)
     monkeypatch.delattr(os, "pread")
     monkeypatch.delattr(os, "pwrite")
