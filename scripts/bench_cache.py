@@ -63,7 +63,8 @@ def vit_entry(n_images: int, extract: bool) -> TokenSet:
 
         model = load_backbone("vit_base_patch16_224", pretrained=False)
         images = torch.utils.data.TensorDataset(torch.rand(n_images, 3, 224, 224, generator=g), labels)
-        tokens, labels = extraction.extract_blocks(model, images, [None], batch_size=64, progress=True)
+        tokens, labels = extraction.extract_blocks(model, images, [None],
+                                                   extraction.ExtractOptions(batch_size=64, progress=True))
         tokens = tokens[0]
     else:
         tokens = torch.randn(n_images, 197, 768, generator=g).half()

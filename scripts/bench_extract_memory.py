@@ -86,7 +86,8 @@ def old_extraction(dataset, batch_size: int, path: Path) -> None:
     from selagg_utils import extraction
     from selagg_utils.models import load_backbone
 
-    tokens, labels = extraction.extract_blocks(load_backbone(BACKBONE), dataset, [None], batch_size, progress=False)
+    tokens, labels = extraction.extract_blocks(load_backbone(BACKBONE), dataset, [None],
+                                               extraction.ExtractOptions(batch_size, progress=False))
     save_file({"tokens": tokens[0].contiguous(), "labels": labels}, str(path), metadata={"approach": "old"})
 
 

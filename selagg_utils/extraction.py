@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,16 +20,30 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_finite_items, notice, whole_number
-from .errors import SelaggError
 from .devices import half_dtype
+from .errors import SelaggError
 from .models import TokenLayout, token_layout
 from .progress import progress_bar
 from .token_store import EntryFile
 
-__all__ = ["extract_tokens", "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens",
+__all__ = ["ExtractOptions", "extract_tokens", "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens",
            "compute_precision", "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
 
 _REPAIR = "remove or repair it, or pass a dataset without it"
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How a backbone runs over a dataset: images per forward pass, the device, whether the last block's tokens go
+    through the final norm, a progress bar, the dtype the tokens are kept in, and loader processes (None: 0 on a
+    CPU, up to 4 on CUDA)."""
+
+    batch_size: int = 256
+    device: str | torch.device = "cpu"
+    norm: bool = True
+    progress: bool = True
+    dtype: torch.dtype = torch.float16
+    num_workers: int | None = None
 
 
 @torch.inference_mode()
@@ -103,23 +118,22 @@ def extraction_loader(dataset: Dataset, batch_size: int, device: str | torch.dev
 
 
 @torch.inference_mode()
-def token_batches(model: VisionTransformer, dataset: Dataset, blocks: list[int | None], batch_size: int = 256,
-                  device: str | torch.device = "cpu", norm: bool = True, progress: bool = True,
-                  dtype: torch.dtype = torch.float16,
-                  num_workers: int | None = None) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Each batch's ([tokens (B, T, D) in `dtype` on the CPU per block], labels (B,)), checked to be finite.
+def token_batches(model: VisionTransformer, dataset: Dataset, blocks: list[int | None],
+                  options: ExtractOptions = ExtractOptions()) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Each batch's ([tokens (B, T, D) in `options.dtype` on the CPU per block], labels (B,)), checked to be finite.
 
     The forward pass runs under `torch.autocast` with the device's half precision (none on a CPU).
     """
+    batch_size, device, dtype = options.batch_size, options.device, options.dtype
     check_extraction_inputs(dataset, batch_size)
     model.eval().to(device)
     half = half_dtype(device)
     done = 0
-    loader = extraction_loader(dataset, batch_size, device, num_workers)
-    for batch in progress_bar(loader, enabled=progress, desc="extracting tokens", leave=False):
+    loader = extraction_loader(dataset, batch_size, device, options.num_workers)
+    for batch in progress_bar(loader, enabled=options.progress, desc="extracting tokens", leave=False):
         check_finite_items(batch[0], "Image", done, _REPAIR)
         with torch.autocast(torch.device(device).type, dtype=half) if half is not None else nullcontext():
-            per_block = tokens_after(model, batch[0].to(device, non_blocking=True), blocks, norm)
+            per_block = tokens_after(model, batch[0].to(device, non_blocking=True), blocks, options.norm)
         kept = []
         for tokens in per_block:
             kept.append(tokens.to(dtype).cpu())
@@ -144,9 +158,8 @@ def filled(sinks: list[EntrySink], batches: Iterator[list[dict[str, torch.Tensor
         raise
 
 
-def extract_blocks(model: VisionTransformer, dataset: Dataset, blocks: list[int | None], batch_size: int = 256,
-                   device: str | torch.device = "cpu", norm: bool = True, progress: bool = True,
-                   dtype: torch.dtype = torch.float16, num_workers: int | None = None,
+def extract_blocks(model: VisionTransformer, dataset: Dataset, blocks: list[int | None],
+                   options: ExtractOptions = ExtractOptions(),
                    into: list[EntrySink] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Tokens after several blocks in one pass over the data: ([(N, T, D)] per block, labels (N,)).
 
@@ -154,7 +167,7 @@ def extract_blocks(model: VisionTransformer, dataset: Dataset, blocks: list[int 
     tokens returned map the finished file; without it they are gathered in memory.
     """
     sinks = into if into is not None else [EntrySink(None, {}, len(dataset)) for _ in blocks]
-    batches = token_batches(model, dataset, blocks, batch_size, device, norm, progress, dtype, num_workers)
+    batches = token_batches(model, dataset, blocks, options)
     held = filled(sinks, ([{"labels": labels, "tokens": t} for t in tokens] for tokens, labels in batches))
     return [h["tokens"] for h in held], held[0]["labels"]
 
@@ -167,17 +180,16 @@ def pooled_rows(tokens: torch.Tensor, labels: torch.Tensor, layout: TokenLayout)
     return rows
 
 
-def extract_pooled(model: VisionTransformer, dataset: Dataset, block: int | None = None, batch_size: int = 256,
-                   device: str | torch.device = "cpu", norm: bool = True, progress: bool = True,
-                   num_workers: int | None = None, into: EntrySink | None = None) -> dict[str, torch.Tensor]:
+def extract_pooled(model: VisionTransformer, dataset: Dataset, block: int | None = None,
+                   options: ExtractOptions = ExtractOptions(), into: EntrySink | None = None) -> dict[str, torch.Tensor]:
     """[cls] ('cls', only for a model with one), mean of the patch tokens ('mean'), (N, D) float32, and 'labels'.
 
     Pooled from the float16 tokens batch by batch (the same numbers as `TokenSet.cls` and `.mean_patches`
-    of the cached tokens), without keeping any tokens.
+    of the cached tokens), without keeping any tokens; `options.dtype` is not used.
     """
     layout = token_layout(model)
     sink = into if into is not None else EntrySink(None, {}, len(dataset))
-    batches = token_batches(model, dataset, [block], batch_size, device, norm, progress, torch.float16, num_workers)
+    batches = token_batches(model, dataset, [block], replace(options, dtype=torch.float16))
     return filled([sink], ([pooled_rows(tokens[0], labels, layout)] for tokens, labels in batches))[0]
 
 

@@ -35,8 +35,8 @@ from .checks import notice
 from .data import load_split
 from .entry_locks import entries_locked, remove_stale_locks
 from .errors import SelaggError
-from .extraction import (EntrySink, check_extraction_inputs, compute_precision, extract_blocks, extract_pooled,
-                         loader_workers)
+from .extraction import (EntrySink, ExtractOptions, check_extraction_inputs, compute_precision, extract_blocks,
+                         extract_pooled, loader_workers)
 from .models import TokenLayout, data_config, load_backbone, token_layout
 from .token_store import DamagedEntry, EntryFile, read_entry
 
@@ -257,8 +257,8 @@ def cached_blocks(backbone: str | os.PathLike, dataset: Dataset, blocks: list[in
         check_disk_space(folder, len(missing) * token_entry_bytes(len(dataset), *token_shape(net)))
         layout = token_layout(net)
         sinks = [EntrySink(paths[i], token_meta(keys[i], layout), len(dataset)) for i in missing]
-        tokens, labels = extract_blocks(net, dataset, [blocks[i] for i in missing], batch_size, device, norm,
-                                        progress, num_workers=num_workers, into=sinks)
+        options = ExtractOptions(batch_size, device, norm, progress, num_workers=num_workers)
+        tokens, labels = extract_blocks(net, dataset, [blocks[i] for i in missing], options, into=sinks)
         return [TokenSet(t, labels, layout, keys[i]) for i, t in zip(missing, tokens)]
 
     return cached_entries(paths, keys, directory, extract)
@@ -303,7 +303,8 @@ def pooled_features(backbone: str | os.PathLike, dataset: Dataset, block: int | 
         check_disk_space(folder, pooled_entry_bytes(len(dataset), token_shape(net)[1], layout.has_cls))
         meta = token_meta(key, layout)
         sink = EntrySink(path, meta, len(dataset), what="pooled features")
-        held = extract_pooled(net, dataset, block, batch_size, device, norm, progress, num_workers, into=sink)
+        held = extract_pooled(net, dataset, block, ExtractOptions(batch_size, device, norm, progress,
+                                                                  num_workers=num_workers), into=sink)
         return [PooledFeatures(held.get("cls"), held["mean"], held["labels"], key)]
 
     return cached_entries([path], [key], directory, extract, load=load_pooled)[0]
