@@ -217,8 +217,7 @@ def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: f
 
 def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], object_masks: torch.Tensor | None = None,
                 patch_size: int | None = None, size: float = 1.5) -> plt.Figure:
-    """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale; the
-    object masks (B, gh, gw), if given, outlined."""
+    """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale."""
     n = len(images)
     fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.5, size * len(rows) + 0.4), squeeze=False)
     for r, (name, weights) in enumerate(rows.items()):
