@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         device = devices.resolve_device(args.device)
         sizes = sweep_sizes(args.sweep if args.sweep is not None else DEFAULT_SWEEP.get(device.type, ""))
-        rows = bench.run_ladder(args.model, device, args.batch_size, args.steps, compile=not args.no_compile,
-                                sweep=sizes, probe=not args.no_probe, probe_steps=args.probe_steps,
-                                peak=args.peak_tflops)
+        ladder = bench.LadderSizes(batch=args.batch_size, repeats=args.steps, sweep=tuple(sizes),
+                                   probe_steps=args.probe_steps or max(2, args.steps // 2),
+                                   skip_compile="--no-compile was given" if args.no_compile else "")
+        rows = bench.run_ladder(args.model, device, ladder, probe=not args.no_probe, peak=args.peak_tflops)
     except SelaggError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from selagg_utils import attention, config, data, devices, models  # noqa: E402
+from selagg_utils import attention, config, data, devices, digits, models  # noqa: E402
 from selagg_utils.errors import SelaggError  # noqa: E402
 from selagg_utils.timing import peak_memory, wall_and_cpu_seconds  # noqa: E402
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def test_loader(dataset_name: str, n_images: int, batch_size: int) -> DataLoader:
     """The first n_images of the scale's test split."""
     if dataset_name == "cluttered-digits":
-        dataset = data.cluttered_digits("test", n_images=n_images).with_object_masks()
+        dataset = digits.cluttered_digits("test", n_images=n_images).with_object_masks()
     else:
         full = data.load_dataset(dataset_name, "test")
         dataset = torch.utils.data.Subset(full, range(min(n_images, len(full))))

@@ -13,7 +13,7 @@ timm's `vit_base_patch16_224` (random weights, nothing downloaded) on generated 
 For each entry, the median over --repeats of (a) a load without verification: safetensors maps the
 file and the tensors are copied into memory once (safetensors alone maps lazily and reads nothing
 until the tensors are used, so the copy stands for that first use), (b) the checksum alone on the
-loaded tensors, (c) `features.read_entry`, which maps the file and verifies it (its checksum pass is
+loaded tensors, (c) `token_store.read_entry`, which maps the file and verifies it (its checksum pass is
 the first read of the pages). The share is (b) / ((a) + (b)). The file is in the page cache after
 the first pass, so (a) is the fastest a load can be and the share an upper bound: from a cold disk
 it is smaller.
@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from selagg_utils import features  # noqa: E402
+from selagg_utils import extraction, features, token_store  # noqa: E402
 from selagg_utils.data import load_dataset  # noqa: E402
 from selagg_utils.features import TokenSet  # noqa: E402
+from selagg_utils.models import TokenLayout  # noqa: E402
 from selagg_utils.timing import median_seconds  # noqa: E402
 
 
@@ -62,11 +63,12 @@ def vit_entry(n_images: int, extract: bool) -> TokenSet:
 
         model = load_backbone("vit_base_patch16_224", pretrained=False)
         images = torch.utils.data.TensorDataset(torch.rand(n_images, 3, 224, 224, generator=g), labels)
-        tokens, labels = features.extract_blocks(model, images, [None], batch_size=64, progress=True)
+        tokens, labels = extraction.extract_blocks(model, images, [None],
+                                                   extraction.ExtractOptions(batch_size=64, progress=True))
         tokens = tokens[0]
     else:
         tokens = torch.randn(n_images, 197, 768, generator=g).half()
-    return TokenSet(tokens, labels, 1, True, (14, 14), {"bench": "vit_base_patch16_224", "n": n_images})
+    return TokenSet(tokens, labels, TokenLayout(True, 0, (14, 14)), {"bench": "vit_base_patch16_224", "n": n_images})
 
 
 def plain_load(path: Path) -> dict[str, torch.Tensor]:
@@ -79,10 +81,10 @@ def measure(name: str, entry: TokenSet, folder: Path, repeats: int) -> list[str]
     """One row: entry size, load, checksum, verified load, and the checksum's share of the verified load."""
     path = folder / f"{name}.safetensors"
     features.save_entry(path, entry)
-    state, meta = features.read_entry(path)
+    state, meta = token_store.read_entry(path)
     load = median_seconds(lambda: plain_load(path), "cpu", repeats)
-    check = median_seconds(lambda: features.entry_checksum(state, meta), "cpu", repeats)
-    verified = median_seconds(lambda: features.read_entry(path), "cpu", repeats)
+    check = median_seconds(lambda: token_store.entry_checksum(state, meta), "cpu", repeats)
+    verified = median_seconds(lambda: token_store.read_entry(path), "cpu", repeats)
     size = path.stat().st_size
     path.unlink()
     return [name, f"{len(entry):,}", f"{size / 1e9:.2f}", f"{load:.3f}", f"{check:.3f}", f"{verified:.3f}",
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    limit = features.VERIFY_EVERY_LOAD_BYTES / 2 ** 30
+    limit = token_store.VERIFY_EVERY_LOAD_BYTES / 2 ** 30
     print(f"Entries up to {limit:g} GiB are verified on every load; larger ones once per process and again "
           "whenever their size, mtime or inode change.")
 

@@ -4,7 +4,7 @@
     python scripts/bench_extract_memory.py --images 500,2000 --batch-size 32 --old-images 500,2000
 
 For each size, a generated Imagenette stand-in (`rehearsal.fake_imagenette`, 10 classes) is written,
-and `features.cached_tokens` extracts the train split of `data.image_folder` with timm's
+and `features.cached_tokens` extracts the train split of `imagenette.image_folder` with timm's
 `vit_base_patch16_224` (random weights, nothing downloaded: 197 tokens of width 768, float16) into a
 temporary cache. Every measurement runs in a fresh Python process, so that no two share a high-water
 mark: peak RSS is that process's `ru_maxrss`. Peak anonymous RSS (memory the kernel cannot drop) is
@@ -83,10 +83,11 @@ def old_extraction(dataset, batch_size: int, path: Path) -> None:
     """The approach before streaming: every batch's tokens in memory, concatenated, then saved whole."""
     from safetensors.torch import save_file
 
-    from selagg_utils import features
+    from selagg_utils import extraction
     from selagg_utils.models import load_backbone
 
-    tokens, labels = features.extract_blocks(load_backbone(BACKBONE), dataset, [None], batch_size, progress=False)
+    tokens, labels = extraction.extract_blocks(load_backbone(BACKBONE), dataset, [None],
+                                               extraction.ExtractOptions(batch_size, progress=False))
     save_file({"tokens": tokens[0].contiguous(), "labels": labels}, str(path), metadata={"approach": "old"})
 
 
@@ -94,8 +95,8 @@ def child(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process: what it did, its wall time, peak RSS and peak anonymous RSS."""
     import torch
 
-    from selagg_utils import features
-    from selagg_utils.data import image_folder
+    from selagg_utils import cache_keys, extraction, features
+    from selagg_utils.imagenette import image_folder
     from selagg_utils.models import load_backbone
     from selagg_utils.timing import lifetime_peak_rss_bytes, seconds
 
@@ -108,9 +109,9 @@ def child(args: argparse.Namespace) -> dict:
         elif args.child == "extract":
             entry = features.cached_tokens(BACKBONE, dataset, batch_size=args.batch_size, directory=args.cache,
                                            progress=False)
-            out["entry_bytes"] = features.entry_path(entry.key, args.cache).stat().st_size
+            out["entry_bytes"] = cache_keys.entry_path(entry.key, args.cache).stat().st_size
         elif args.child == "load":
-            extract = features.extract_blocks
+            extract = extraction.extract_blocks
             features.extract_blocks = lambda *a, **k: sys.exit("the entry was not in the cache")
             entry = features.cached_tokens(BACKBONE, dataset, directory=args.cache, progress=False)
             features.extract_blocks = extract

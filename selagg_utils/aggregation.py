@@ -5,9 +5,13 @@ model has one, then register tokens), then the patch tokens in raster order. Eve
 `(pooled, weights)` where `weights` is (B, T) over *all* input tokens and sums to 1 per image; tokens
 a head does not pool (registers, and [cls] unless asked for) get weight 0.
 
-Heads are built by name with `make_head`; the names, their classes and options are the registry
+An optional boolean `keep` (B, T) or (B, patches) marks the tokens a head may pool (True = may be
+pooled); it is neither MAE's hidden patches (`pretrain`) nor the lab's object masks (`digits`).
+
+Heads are built by name with `make_head` from a token width and a `models.TokenLayout`; the names, their classes and options are the registry
 `HEAD_KINDS` (listed at the end of this docstring). Training many copies of a head at once is the
-job of `stacking`; training probes, of `probing`.
+job of `stacking`; building and training probes (a head, then BatchNorm and a linear layer), of
+`probing` (`probing.probe_head`).
 """
 from __future__ import annotations
 
@@ -22,41 +26,43 @@ from timm.layers import Attention, AttentionPoolLatent, build_sincos2d_pos_embed
 
 from .checks import whole_number
 from .errors import SelaggError
+from .models import TokenLayout
 
 __all__ = ["Aggregator", "ClsPool", "MeanPool", "AbMILP", "AttentivePool", "HeadKind", "HEAD_KINDS", "HEADS",
-           "make_head", "head_layout", "describe_heads", "check_tokens", "check_mask", "masked_softmax",
+           "make_head", "describe_heads", "check_tokens", "check_keep", "masked_softmax",
            "negligible_grad_dropped", "NEGLIGIBLE", "patch_weights", "localisation_score", "uniform_localisation"]
 
 
 class Aggregator(nn.Module):
-    """Base class: `forward` checks tokens and mask, then `pool` does the work (checks done once, outside)."""
+    """Base class: `forward` checks tokens and `keep`, then `pool` does the work (checks done once, outside)."""
 
     def __init__(self, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True):
         super().__init__()
         whole_number(dim, "dim", 1, "pass the backbone's token width (embed_dim), e.g. 768")
         whole_number(num_prefix_tokens, "num_prefix_tokens", 0, "pass how many tokens precede the patches "
-                     "([cls] plus registers; models.num_prefix_tokens(model) gives it)")
+                     "([cls] plus registers; models.token_layout(model).num_prefix_tokens gives it)")
         if has_cls and num_prefix_tokens < 1:
             raise SelaggError(f"A model with a [cls] token has at least 1 prefix token, got num_prefix_tokens="
                               f"{num_prefix_tokens}; pass has_cls=False for a model without [cls].")
         self.dim, self.num_prefix_tokens, self.has_cls = dim, num_prefix_tokens, has_cls
         self.out_dim = dim
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled (B, D), weights (B, T)) for tokens (B, T, D) and an optional keep-mask (B, T) or (B, patches)."""
-        tokens, mask = self.check(tokens, mask)
-        return self.pool(tokens, mask)
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled (B, D), weights (B, T)) for tokens (B, T, D) and optionally `keep`, the tokens that may be pooled
+        ((B, T) or (B, patches) booleans)."""
+        tokens, keep = self.check(tokens, keep)
+        return self.pool(tokens, keep)
 
-    def check(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Validated tokens in the head's dtype and a full (B, T) boolean mask (or None)."""
+    def check(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validated tokens in the head's dtype and `keep` as (B, T) booleans over all tokens (or None)."""
         tokens = check_tokens(tokens, self.dim, self.num_prefix_tokens)
         ref = next(self.parameters(), None)
         if ref is not None and tokens.dtype != ref.dtype:
             tokens = tokens.to(ref.dtype)
-        return tokens, check_mask(mask, tokens, self.num_prefix_tokens)
+        return tokens, check_keep(keep, tokens, self.num_prefix_tokens)
 
-    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled, weights) for checked tokens and a full (B, T) mask or None."""
+    def pool(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled, weights) for checked tokens and `keep` over all (B, T) tokens, or None."""
         raise NotImplementedError
 
     def pooled_positions(self, num_tokens: int, include_cls: bool = False) -> torch.Tensor:
@@ -86,31 +92,32 @@ def check_tokens(tokens: torch.Tensor, dim: int | None = None, num_prefix_tokens
     return tokens
 
 
-def check_mask(mask: torch.Tensor | None, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor | None:
-    """A boolean keep-mask over all T tokens; a (B, patches) mask is extended with the prefix tokens kept."""
-    if mask is None:
+def check_keep(keep: torch.Tensor | None, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor | None:
+    """`keep` (True = the token may be pooled) over all T tokens; a (B, patches) one is extended with the prefix kept."""
+    if keep is None:
         return None
     b, t, _ = tokens.shape
     n = t - num_prefix_tokens
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] != b or mask.shape[1] not in (t, n):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise SelaggError(f"The mask has shape {shape} but the tokens need ({b}, {t}) over all tokens or "
+    if not isinstance(keep, torch.Tensor) or keep.ndim != 2 or keep.shape[0] != b or keep.shape[1] not in (t, n):
+        shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise SelaggError(f"The keep mask has shape {shape} but the tokens need ({b}, {t}) over all tokens or "
                           f"({b}, {n}) over patch tokens; True marks a token that may be pooled.")
-    if mask.dtype != torch.bool:
-        raise SelaggError(f"The mask must be boolean (True = may be pooled), got {mask.dtype}; use mask.bool().")
-    if mask.shape[1] == n:
-        mask = torch.cat([mask.new_ones(b, num_prefix_tokens), mask], dim=1)
-    mask = mask.to(tokens.device)
-    if not mask[:, num_prefix_tokens:].any(dim=1).all():
-        raise SelaggError("The mask leaves an image without any patch token to pool; "
+    if keep.dtype != torch.bool:
+        raise SelaggError(f"The keep mask must be boolean (True = may be pooled), got {keep.dtype}; use keep.bool().")
+    if keep.shape[1] == n:
+        keep = torch.cat([keep.new_ones(b, num_prefix_tokens), keep], dim=1)
+    keep = keep.to(tokens.device)
+    if not keep[:, num_prefix_tokens:].any(dim=1).all():
+        raise SelaggError("The keep mask leaves an image without any patch token to pool; "
                           "keep at least one patch per image.")
-    return mask
+    return keep
 
 
-def _keep(head: Aggregator, tokens: torch.Tensor, mask: torch.Tensor | None, include_cls: bool = False) -> torch.Tensor:
-    """(B, T) boolean of the tokens pooled: the head's positions and the caller's mask together."""
-    keep = head.pooled_positions(tokens.shape[1], include_cls).to(tokens.device).expand(tokens.shape[0], -1)
-    return keep if mask is None else keep & mask
+def _pooled_tokens(head: Aggregator, tokens: torch.Tensor, keep: torch.Tensor | None,
+                   include_cls: bool = False) -> torch.Tensor:
+    """(B, T) boolean of the tokens pooled: the head's positions and the caller's `keep` together."""
+    pooled = head.pooled_positions(tokens.shape[1], include_cls).to(tokens.device).expand(tokens.shape[0], -1)
+    return pooled if keep is None else pooled & keep
 
 
 NEGLIGIBLE = 1e-30
@@ -157,7 +164,7 @@ class ClsPool(Aggregator):
             raise SelaggError("This model has no [cls] token, so 'cls' pooling is impossible; "
                               "use 'mean' or 'abmilp' (models such as I-JEPA are probed on mean-pooled patches).")
 
-    def pool(self, tokens, mask):
+    def pool(self, tokens, keep):
         weights = torch.zeros(tokens.shape[:2], dtype=tokens.dtype, device=tokens.device)
         weights[:, 0] = 1.0
         return tokens[:, 0], weights
@@ -166,9 +173,9 @@ class ClsPool(Aggregator):
 class MeanPool(Aggregator):
     """The plain average of the patch tokens (global average pooling)."""
 
-    def pool(self, tokens, mask):
-        keep = _keep(self, tokens, mask).to(tokens.dtype)
-        weights = keep / keep.sum(dim=1, keepdim=True)
+    def pool(self, tokens, keep):
+        pooled = _pooled_tokens(self, tokens, keep).to(tokens.dtype)
+        weights = pooled / pooled.sum(dim=1, keepdim=True)
         return torch.einsum("bt,btd->bd", weights, tokens), weights
 
 
@@ -204,7 +211,7 @@ class AbMILP(Aggregator):
             if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2
                     and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in grid_size)):
                 raise SelaggError(f"pos_embed='sincos' needs the patch grid as two positive whole numbers, got "
-                                  f"grid_size={grid_size!r}; pass e.g. grid_size=(8, 8) (models.patch_grid(model)).")
+                                  f"grid_size={grid_size!r}; pass e.g. grid_size=(8, 8) (models.token_layout(model).grid_size).")
             self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(grid_size), dim), persistent=False)
         else:
             raise SelaggError(f"Unknown pos_embed {pos_embed!r}; choose None or 'sincos'.")
@@ -220,14 +227,14 @@ class AbMILP(Aggregator):
             width = hidden
         self.score = nn.Linear(width, 1)
 
-    def check(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def check(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As Aggregator.check, and the number of patch tokens must fit the grid of the position codes."""
-        tokens, mask = super().check(tokens, mask)
+        tokens, keep = super().check(tokens, keep)
         if self.pos_embed is not None and tokens.shape[1] - self.num_prefix_tokens != len(self.pos_embed):
             raise SelaggError(f"Got {tokens.shape[1] - self.num_prefix_tokens} patch tokens but the head's position "
                               f"codes cover a grid of {len(self.pos_embed)} patches; build the head with the "
-                              "backbone's grid_size (models.patch_grid(model) or TokenSet.grid_size).")
-        return tokens, mask
+                              "backbone's layout (models.token_layout(model) or TokenSet.layout).")
+        return tokens, keep
 
     def scores(self, tokens: torch.Tensor) -> torch.Tensor:
         """One unnormalised score per token, (B, T)."""
@@ -242,8 +249,8 @@ class AbMILP(Aggregator):
             h = torch.tanh(self.value(h)) * torch.sigmoid(self.gate(h))
         return self.score(h).squeeze(-1)
 
-    def pool(self, tokens, mask):
-        weights = masked_softmax(self.scores(tokens), _keep(self, tokens, mask, self.include_cls))
+    def pool(self, tokens, keep):
+        weights = masked_softmax(self.scores(tokens), _pooled_tokens(self, tokens, keep, self.include_cls))
         return torch.einsum("bt,btd->bd", weights, tokens), weights
 
 
@@ -281,12 +288,12 @@ class AttentivePool(Aggregator):
             logits = logits + torch.einsum("hld,hd->hl", q * a.scale, b_k)[None, :, :, None]
         return masked_softmax(logits, keep[:, None, None, :]).mean(2)
 
-    def pool(self, tokens, mask):
+    def pool(self, tokens, keep):
         a, p = self.attn, self.num_prefix_tokens
         patches = tokens[:, p:]
         b, n, c = patches.shape
-        keep = torch.ones((b, n), dtype=torch.bool, device=tokens.device) if mask is None else mask[:, p:]
-        attn = self.attention(patches, keep)  # (B, heads, N)
+        pooled = torch.ones((b, n), dtype=torch.bool, device=tokens.device) if keep is None else keep[:, p:]
+        attn = self.attention(patches, pooled)  # (B, heads, N)
         # values: sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + b_v, since the weights sum to 1
         mixed = torch.einsum("bhn,bnc->bhc", attn, patches)
         w_v = a.kv.weight[c:].reshape(a.num_heads, a.head_dim, c)
@@ -298,13 +305,13 @@ class AttentivePool(Aggregator):
             x = x + a.mlp(a.norm(x))
         return x, F.pad(attn.mean(1), (p, 0))
 
-    def pool_reference(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def pool_reference(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The same pooled features from timm's own forward (slower; kept to check `pool`)."""
         p = self.num_prefix_tokens
         patches = tokens[:, p:]
-        if mask is None:
+        if keep is None:
             return self.attn(patches)
-        bias = torch.zeros(mask[:, p:].shape, dtype=tokens.dtype).masked_fill(~mask[:, p:], float("-inf"))
+        bias = torch.zeros(keep[:, p:].shape, dtype=tokens.dtype).masked_fill(~keep[:, p:], float("-inf"))
         return self.attn(patches, attn_mask=bias[:, None, None, :])
 
 
@@ -344,17 +351,21 @@ def describe_heads() -> str:
 __doc__ += "\nThe registered heads (`HEAD_KINDS`):\n\n" + describe_heads() + "\n"
 
 
-def make_head(name: str, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True,
-              grid_size: tuple[int, int] | None = None, **kwargs) -> Aggregator:
-    """A pooling head by name (see HEAD_KINDS); extra keyword arguments go to its class."""
+def make_head(name: str, dim: int, layout: TokenLayout | None = None, **options) -> Aggregator:
+    """A pooling head by name (see HEAD_KINDS) for tokens of width `dim` laid out as `layout` (None: [cls] then
+    the patches, no grid); extra keyword arguments go to its class."""
     if name not in HEAD_KINDS:
         raise SelaggError(f"Unknown pooling head {name!r}; choose one of {', '.join(HEAD_KINDS)}.")
+    if layout is not None and not isinstance(layout, TokenLayout):
+        raise SelaggError(f"A head's layout is a models.TokenLayout, got a {type(layout).__name__}; pass "
+                          "models.token_layout(model) or a TokenSet's .layout.")
     kind = HEAD_KINDS[name]
-    check_head_options(name, kind.cls, kwargs)
-    layout = dict(dim=dim, num_prefix_tokens=num_prefix_tokens, has_cls=has_cls)
+    check_head_options(name, kind.cls, options)
+    given = dict(dim=dim, num_prefix_tokens=1, has_cls=True) if layout is None else \
+        dict(dim=dim, num_prefix_tokens=layout.num_prefix_tokens, has_cls=layout.has_cls)
     if "grid_size" in inspect.signature(kind.cls.__init__).parameters:
-        layout["grid_size"] = grid_size
-    return kind.cls(**layout, **{**kind.options, **kwargs})
+        given["grid_size"] = None if layout is None else layout.grid_size
+    return kind.cls(**given, **{**kind.options, **options})
 
 
 def check_head_options(name: str, cls: type, options: dict) -> None:
@@ -364,29 +375,14 @@ def check_head_options(name: str, cls: type, options: dict) -> None:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise SelaggError(f"The {name!r} head takes no option {', '.join(map(repr, unknown))}; it accepts "
-                          f"{', '.join(accepted) if accepted else 'none besides dim, num_prefix_tokens and has_cls'}: "
+                          f"{', '.join(accepted) if accepted else 'none besides dim and layout'}: "
                           "check the spelling or leave the option out.")
 
 
-def head_layout(source) -> dict:
-    """What `make_head` needs to know of some tokens (dim, prefixes, [cls], grid), from a TokenSet or a timm ViT."""
-    from .features import TokenSet
-
-    if isinstance(source, TokenSet):
-        return source.head_kwargs()
-    if isinstance(source, nn.Module) and hasattr(source, "embed_dim") and hasattr(source, "patch_embed"):
-        from .models import has_cls_token, num_prefix_tokens, patch_grid
-
-        return dict(dim=source.embed_dim, num_prefix_tokens=num_prefix_tokens(source), has_cls=has_cls_token(source),
-                    grid_size=patch_grid(source))
-    raise SelaggError(f"A head's layout is read from a features.TokenSet or a timm ViT, got a {type(source).__name__}; "
-                      "pass one of those, or call make_head(name, dim, num_prefix_tokens, has_cls, grid_size).")
-
-
 # ----------------------------------------------------------------------------- where the weights fall
-def patch_weights(weights: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+def patch_weights(weights: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """The weights of the patch tokens on their grid, (B, rows, cols)."""
-    return weights[:, num_prefix_tokens:].reshape(weights.shape[0], *grid_size)
+    return weights[:, layout.num_prefix_tokens:].reshape(weights.shape[0], *layout.grid_size)
 
 
 def localisation_score(weights: torch.Tensor, object_masks: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

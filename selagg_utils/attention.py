@@ -22,9 +22,10 @@ from torch import nn
 from . import devices
 from .checks import all_finite, check_finite_items
 from .errors import SelaggError
+from .models import TokenLayout, token_layout
 from .progress import progress_bar
 
-__all__ = ["STATISTICS", "BLOCK_ONLY", "TokenLayout", "token_layout", "check_vit", "attention_modules",
+__all__ = ["STATISTICS", "BLOCK_ONLY", "check_vit", "attention_modules",
            "unfused_attention", "attention_hooks", "AttentionMaps", "attention_maps", "renormalised_entropy",
            "batch_statistics", "residual_ratios", "AttentionStatistics", "attention_statistics"]
 
@@ -46,39 +47,6 @@ STATISTICS: dict[str, str] = {
 #: Statistics that belong to a block as a whole (no head dimension).
 BLOCK_ONLY = ("cls_residual_ratio", "patch_residual_ratio")
 _ROW_SUM_TOLERANCE = 2e-2  # bf16 probabilities sum to 1 only to about 1e-2
-
-
-# ----------------------------------------------------------------------------- token layout
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the prefix tokens ([cls] first, then registers) and the patch tokens sit in a ViT's sequence."""
-
-    has_cls: bool
-    num_registers: int
-    grid: tuple[int, int]
-
-    @property
-    def num_prefix(self) -> int:
-        return int(self.has_cls) + self.num_registers
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def prefix_names(self) -> tuple[str, ...]:
-        return ("cls",) * self.has_cls + tuple(f"reg{r}" for r in range(self.num_registers))
-
-
-def token_layout(model: VisionTransformer) -> TokenLayout:
-    """The prefix/patch layout of a timm ViT's token sequence."""
-    check_vit(model)
-    has_cls = getattr(model, "cls_token", None) is not None
-    num_registers = int(getattr(model, "num_reg_tokens", 0) or 0)
-    if int(getattr(model, "num_prefix_tokens", has_cls + num_registers)) != has_cls + num_registers:
-        raise SelaggError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens that are neither "
-                          "[cls] nor registers; only timm ViTs with [cls] and/or register tokens are supported.")
-    return TokenLayout(has_cls, num_registers, tuple(int(g) for g in model.patch_embed.grid_size))
 
 
 # ----------------------------------------------------------------------------- capture
@@ -188,13 +156,13 @@ class AttentionMaps:
     @property
     def prefix_to_patch(self) -> torch.Tensor:
         """(blocks, images, heads, prefix, gh, gw): what each [cls]/register token gives the patches."""
-        p = self.layout.num_prefix
-        return self.probs[..., :p, p:].unflatten(-1, self.layout.grid)
+        p = self.layout.num_prefix_tokens
+        return self.probs[..., :p, p:].unflatten(-1, self.layout.grid_size)
 
     @property
     def patch_to_patch(self) -> torch.Tensor:
         """(blocks, images, heads, N, N): attention among patch tokens only."""
-        p = self.layout.num_prefix
+        p = self.layout.num_prefix_tokens
         return self.probs[..., p:, p:]
 
     def query_index(self, query: str | int | tuple[int, int]) -> int:
@@ -202,17 +170,17 @@ class AttentionMaps:
         names = self.layout.prefix_names
         if isinstance(query, str) and query in names:
             return names.index(query)
-        if isinstance(query, tuple) and len(query) == 2 and all(0 <= q < g for q, g in zip(query, self.layout.grid)):
-            return self.layout.num_prefix + query[0] * self.layout.grid[1] + query[1]
+        if isinstance(query, tuple) and len(query) == 2 and all(0 <= q < g for q, g in zip(query, self.layout.grid_size)):
+            return self.layout.num_prefix_tokens + query[0] * self.layout.grid_size[1] + query[1]
         if isinstance(query, (int, np.integer)) and 0 <= query < self.layout.num_patches:
-            return self.layout.num_prefix + int(query)
+            return self.layout.num_prefix_tokens + int(query)
         raise SelaggError(f"Unknown query token {query!r}; use one of {list(names)}, a patch index "
-                          f"0..{self.layout.num_patches - 1}, or a (row, col) in the {self.layout.grid} grid.")
+                          f"0..{self.layout.num_patches - 1}, or a (row, col) in the {self.layout.grid_size} grid.")
 
     def query_map(self, query: str | int | tuple[int, int] = "cls") -> torch.Tensor:
         """(blocks, images, heads, gh, gw): attention from one query token to every patch."""
-        p = self.layout.num_prefix
-        return self.probs[..., self.query_index(query), p:].unflatten(-1, self.layout.grid)
+        p = self.layout.num_prefix_tokens
+        return self.probs[..., self.query_index(query), p:].unflatten(-1, self.layout.grid_size)
 
 
 def _check_images(images) -> None:
@@ -228,10 +196,10 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor) -> AttentionM
     """Attention probabilities of every block and head for one batch of images."""
     _check_images(images)
     check_finite_items(images, "Image", 0, "remove or repair that image before measuring attention")
-    layout, depth = token_layout(model), len(model.blocks)
+    layout, depth = token_layout(check_vit(model)), len(model.blocks)
     maps: dict[int, torch.Tensor] = {}
     dev = _model_device(model)
-    num_tokens = layout.num_prefix + layout.num_patches
+    num_tokens = layout.num_prefix_tokens + layout.num_patches
 
     heads = [m.num_heads for m in attention_modules(model)]
 
@@ -259,18 +227,18 @@ def renormalised_entropy(weights: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, entropy, 0.0).clamp(0.0, math.log(weights.shape[-1]))
 
 
-def _share(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of each row's mass that falls where mask (B, N) is True; 0 for a row with no mass."""
+def _share(weights: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Fraction of each row's mass that falls where `where` (B, N) is True; 0 for a row with no mass."""
     mass = weights.sum(-1)
-    inside = (weights * mask[:, None].to(weights.dtype)).sum(-1)
+    inside = (weights * where[:, None].to(weights.dtype)).sum(-1)
     return torch.where(mass > 0, inside / mass.clamp_min(torch.finfo(mass.dtype).tiny), 0.0)
 
 
 def batch_statistics(probs: torch.Tensor, layout: TokenLayout,
-                     object_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     object_masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Head-resolved statistics (B, heads) of one block's attention probs (B, heads, T, T), in float32."""
     probs = probs.float()
-    p, n = layout.num_prefix, probs.shape[-1] - layout.num_prefix
+    p, n = layout.num_prefix_tokens, probs.shape[-1] - layout.num_prefix_tokens
     entropy = renormalised_entropy(probs[..., p:])  # (B, heads, T): each query's attention over the patches
     out = {"patch_self": probs[..., p:, p:].diagonal(dim1=-2, dim2=-1).mean(-1),
            "patch_patch_entropy": entropy[..., p:].mean(-1)}
@@ -283,15 +251,15 @@ def batch_statistics(probs: torch.Tensor, layout: TokenLayout,
         out.update(cls_self=probs[..., 0, 0], cls_to_patch=to_patches.sum(-1), patch_to_cls=probs[..., p:, 0].mean(-1),
                    cls_patch_entropy=entropy[..., 0])
         out["cls_patch_entropy_norm"] = out["cls_patch_entropy"] / log_n
-        if object_mask is not None:
-            out["cls_object_share"] = _share(to_patches, object_mask.flatten(1).to(probs.device))
+        if object_masks is not None:
+            out["cls_object_share"] = _share(to_patches, object_masks.flatten(1).to(probs.device))
     return out
 
 
 def residual_ratios(block_input: torch.Tensor, branch: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
     """Per image (B,): ||attention branch output|| / ||block input|| for [cls] and averaged over patches."""
     ratio = branch.float().norm(dim=-1) / block_input.float().norm(dim=-1).clamp_min(1e-12)
-    out = {"patch_residual_ratio": ratio[:, layout.num_prefix:].mean(-1)}
+    out = {"patch_residual_ratio": ratio[:, layout.num_prefix_tokens:].mean(-1)}
     if layout.has_cls:
         out["cls_residual_ratio"] = ratio[:, 0]
     return out
@@ -340,7 +308,7 @@ class _Accumulator:
     def __init__(self, layout: TokenLayout, heads: list[int]):
         self.layout, self.heads, self.depth = layout, heads, len(heads)
         self.sums: dict[str, torch.Tensor] = {}
-        self.object_mask: torch.Tensor | None = None
+        self.object_masks: torch.Tensor | None = None
         self.seen: set[int] = set()
         self.n_images = 0
 
@@ -353,9 +321,9 @@ class _Accumulator:
 
     def attention(self, block: int, probs: torch.Tensor) -> None:
         if block not in self.seen:
-            _check_probabilities(block, probs, self.layout.num_prefix + self.layout.num_patches, self.heads[block])
+            _check_probabilities(block, probs, self.layout.num_prefix_tokens + self.layout.num_patches, self.heads[block])
             self.seen.add(block)
-        self.add(block, batch_statistics(probs, self.layout, self.object_mask))
+        self.add(block, batch_statistics(probs, self.layout, self.object_masks))
 
     def check_finite(self, batch: int, first_image: int, autocast) -> None:
         """A SelaggError naming the batch and block when this batch made any running sum NaN or infinite."""
@@ -379,36 +347,32 @@ class _Accumulator:
         return AttentionStatistics(per_block, heads, self.n_images, self.layout, name)
 
 
-def _split_batch(batch, use_masks: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images and, when the batch carries them and they are wanted, object masks (B, gh, gw)."""
+def _split_batch(batch, use_masks: bool | None, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images and, when the batch carries them and they are wanted, the object masks as bool (B, gh, gw)."""
     images = batch if isinstance(batch, torch.Tensor) else batch[0]
-    mask = None if isinstance(batch, torch.Tensor) or len(batch) < 3 or use_masks is False else batch[2]
+    object_masks = None if isinstance(batch, torch.Tensor) or len(batch) < 3 or use_masks is False else batch[2]
     _check_images(images)
-    if use_masks and mask is None:
+    if use_masks and object_masks is None:
         raise SelaggError("Object masks were asked for but the batches carry none; pass a loader over "
-                          "dataset.with_object_masks(), whose items are (image, label, mask).")
-    return images, mask
-
-
-def _check_mask(mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """The object mask as bool (B, gh, gw), or a clear error when its grid is not the model's patch grid."""
-    if mask.ndim != 3 or tuple(mask.shape[1:]) != layout.grid:
-        raise SelaggError(f"Object masks of shape {tuple(mask.shape)} do not match the model's patch grid "
-                          f"{layout.grid}; give one (batch, {layout.grid[0]}, {layout.grid[1]}) boolean mask per "
-                          "image, built with the model's patch size.")
-    return mask.bool()
+                          "dataset.with_object_masks(), whose items are (image, label, object mask).")
+    if object_masks is not None and (object_masks.ndim != 3 or tuple(object_masks.shape[1:]) != layout.grid_size):
+        raise SelaggError(f"Object masks of shape {tuple(object_masks.shape)} do not match the model's patch grid "
+                          f"{layout.grid_size}; give one (batch, {layout.grid_size[0]}, {layout.grid_size[1]}) "
+                          "boolean mask per image, built with the model's patch size.")
+    return images, None if object_masks is None else object_masks.bool()
 
 
 @torch.inference_mode()
 def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head: bool = False,
-                         object_masks: bool | None = None, autocast: torch.dtype | bool | None = None,
+                         use_object_masks: bool | None = None, autocast: torch.dtype | bool | None = None,
                          name: str = "", progress: bool = True) -> AttentionStatistics:
     """The statistics of STATISTICS, averaged over every image the loader yields, reduced batch by batch.
 
     Batches are images, (images, labels) or (images, labels, object masks); masks are used when
-    present unless `object_masks=False`. `autocast=None` means the GPU's native half precision (bf16, fp16 on a T4) and full precision on CPU.
+    present unless `use_object_masks=False`. `autocast=None` means the GPU's native half precision (bf16,
+    fp16 on a T4) and full precision on CPU.
     """
-    layout, depth = token_layout(model), len(model.blocks)
+    layout, depth = token_layout(check_vit(model)), len(model.blocks)
     if isinstance(loader, torch.utils.data.Dataset):
         raise SelaggError(f"Statistics are streamed over batches, not over a {type(loader).__name__}; wrap the "
                           "dataset in torch.utils.data.DataLoader(dataset, batch_size=...).")
@@ -419,11 +383,11 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
         bar = progress_bar(loader, enabled=progress, total=total, desc=f"attention statistics {name}".strip(),
                            leave=False)
         for number, batch in enumerate(bar):
-            images, mask = _split_batch(batch, object_masks)
+            images, object_masks = _split_batch(batch, use_object_masks, layout)
             if len(images) == 0:  # an empty batch adds no image: nothing to measure
                 continue
             check_finite_items(images, "Image", acc.n_images, "remove or repair that image before measuring attention")
-            acc.object_mask = None if mask is None else _check_mask(mask, layout)
+            acc.object_masks = object_masks
             with devices.autocast(dev, autocast):
                 model.forward_features(images.to(dev, non_blocking=True))
             acc.n_images += len(images)

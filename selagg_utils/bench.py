@@ -136,17 +136,20 @@ def forward_fn(model: nn.Module, images: torch.Tensor, precision: str) -> Callab
     return run
 
 
-def measure_forward(step: str, model: nn.Module, images: torch.Tensor, precision: str = "fp32", *,
-                    name: str = "", versus: BenchRow | None = None, warmup: int = 2, repeats: int = 10,
-                    peak: float | None = None, note: str = "") -> BenchRow:
-    """Time the inference forward of a backbone on one batch; FLOPs are counted on a single image."""
+def measure_forward(step: str, model: nn.Module, images: torch.Tensor,
+                    options: MeasureOptions = MeasureOptions()) -> BenchRow:
+    """Time the inference forward of a backbone on one batch in `options.precision`.
+
+    FLOPs are counted on a single image, parameters on the model, and a call processes the whole batch
+    (these three fields of `options` are measured here, not read).
+    """
     device = images.device
     gflop = forward_gflop_per_image(model, images)
+    note = options.note
     if not note and not uses_fused_attention(eager(model)):
         note = "explicit attention"
-    return measure(step, forward_fn(model, images, precision), device, len(images), MeasureOptions(
-        model=name, precision=precision, gflop_per_image=gflop, versus=versus, warmup=warmup, repeats=repeats,
-        params=count_params(eager(model)), peak=peak, note=note))
+    return measure(step, forward_fn(model, images, options.precision), device, len(images), replace(
+        options, gflop_per_image=gflop, images_per_call=None, params=count_params(eager(model)), note=note))
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -210,39 +213,38 @@ def _quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def measure_compiled(step: str, model: nn.Module, images: torch.Tensor, precision: str, *, name: str = "",
-                     versus: BenchRow | None = None, warmup: int = 2, repeats: int = 10, peak: float | None = None,
-                     compiler: Callable[[nn.Module], nn.Module] | None = None,
+def measure_compiled(step: str, model: nn.Module, images: torch.Tensor, options: MeasureOptions = MeasureOptions(),
+                     *, compiler: Callable[[nn.Module], nn.Module] | None = None,
                      skip: str = "") -> tuple[BenchRow, nn.Module | None]:
     """Compile (timed apart), then time like `measure_forward`; a skipped row if it cannot compile or `skip` gives why not."""
-    device = images.device
+    device, precision = images.device, options.precision
     if skip:
-        return failed_row(step, device, len(images), f"skipped: {skip}", model=name, precision=precision), None
+        return failed_row(step, device, len(images), f"skipped: {skip}", model=options.model,
+                          precision=precision), None
     compiled, seconds, reason = compile_model(model, lambda m: forward_fn(m, images, precision)(), device, compiler)
     if compiled is None:
-        return failed_row(step, device, len(images), f"skipped: {reason}", model=name, precision=precision), None
-    row = measure_forward(step, compiled, images, precision, name=name, versus=versus, warmup=warmup,
-                          repeats=repeats, peak=peak, note=f"compiled in {seconds:.1f} s (first call, not timed)")
+        return failed_row(step, device, len(images), f"skipped: {reason}", model=options.model,
+                          precision=precision), None
+    row = measure_forward(step, compiled, images,
+                          replace(options, note=f"compiled in {seconds:.1f} s (first call, not timed)"))
     return row, compiled
 
 
 # ---------------------------------------------------------------- batch-size sweep
 
-def sweep_batch_sizes(model: nn.Module, sizes: Iterable[int], device: torch.device, precision: str, *,
-                      name: str = "", step: str = "batch", warmup: int = 2, repeats: int = 5,
-                      peak: float | None = None, versus: BenchRow | None = None) -> list[BenchRow]:
+def sweep_batch_sizes(model: nn.Module, sizes: Iterable[int], device: torch.device,
+                      options: MeasureOptions = MeasureOptions(repeats=5), *, step: str = "batch") -> list[BenchRow]:
     """One forward row per batch size; a size that runs out of memory gives an 'out of memory' row and the sweep goes on."""
     rows = []
     for size in sizes:
         label = f"{step} {size}"
         try:
             images = random_images(model, size, device)
-            row = measure_forward(label, model, images, precision, name=name, warmup=warmup, repeats=repeats,
-                                  peak=peak, versus=versus)
+            row = measure_forward(label, model, images, options)
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
-            row = failed_row(label, device, size, "out of memory", model=name, precision=precision,
+            row = failed_row(label, device, size, "out of memory", model=options.model, precision=options.precision,
                              note=f"{type(err).__name__}")
         finally:
             images = None
@@ -260,54 +262,18 @@ def fp32_note(device: torch.device) -> str:
     return f"matmul TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
 
 
-def backbone_ladder(model: nn.Module, device: torch.device, batch_size: int, *, name: str = "", repeats: int = 10,
-                    warmup: int = 2, compile: bool = True, sweep: Iterable[int] = (), peak: float | None = None,
-                    compiler: Callable[[nn.Module], nn.Module] | None = None) -> list[BenchRow]:
-    """fp32 eager -> half-precision autocast -> explicit attention (the price of capturing maps) -> torch.compile -> batch sizes.
-
-    After the second step the ladder keeps the faster precision, and compares later steps with that row.
-    """
-    images = random_images(model, batch_size, device)
-    common = dict(name=name, repeats=repeats, warmup=warmup, peak=peak)
-    with fused_attention(model, True):
-        fp32 = measure_forward("fp32 eager", model, images, "fp32", note=fp32_note(device), **common)
-        half = half_precision(device)
-        low = measure_forward(f"{half} autocast", model, images, half, versus=fp32, **common)
-    base = low if low.speedup and low.speedup > 1 else fp32
-    fast = base.precision
-    with fused_attention(model, False):
-        explicit = measure_forward(f"{fast} explicit attention", model, images, fast, versus=base,
-                                   note="attention maps materialised, as when capturing them", **common)
-    rows = [fp32, low, explicit]
-    best, best_model = base, model
-    if compile:
-        with fused_attention(model, True):
-            compiled_row, compiled = measure_compiled(f"{fast} compiled", model, images, fast, versus=base,
-                                                      compiler=compiler, **common)
-        rows.append(compiled_row)
-        if compiled is not None and compiled_row.images_per_s > base.images_per_s:
-            best, best_model = compiled_row, compiled
-    images = None
-    free_memory(device)
-    sizes = list(sweep)
-    if sizes:
-        with fused_attention(model, True):
-            rows += sweep_batch_sizes(best_model, sizes, device, fast, name=name, step=f"{best.step}, batch",
-                                      repeats=max(3, repeats // 2), warmup=warmup, peak=peak, versus=best)
-    return rows
-
-
 @dataclass(frozen=True)
 class LadderSizes:
-    """How much chapter 07 times: images per call, calls per step, the sweep, probe batches and epochs, compilation."""
+    """How much the ladder times: images per call, timed calls per step after the warm-up calls, the batch sizes
+    of the sweep, probe batches per epoch and epochs timed, and whether (and why not) to compile."""
 
-    batch: int
-    repeats: int
-    warmup: int
-    sweep: tuple[int, ...]
-    probe_steps: int
-    probe_repeats: int
-    compiled_sweep: bool  # the sweep reuses the compiled model, compiling again for each new batch size
+    batch: int = 64
+    repeats: int = 10
+    warmup: int = 2
+    sweep: tuple[int, ...] = ()
+    probe_steps: int = 5
+    probe_repeats: int = 3
+    compiled_sweep: bool = False  # the sweep reuses the compiled model, compiling again for each new batch size
     skip_compile: str = ""  # why the compile step is left out ("" compiles)
     quick: bool = False
 
@@ -316,6 +282,42 @@ class LadderSizes:
 TINY_SIZES = LadderSizes(64, 5, 2, (8, 32, 128), 4, 3, compiled_sweep=False)
 FULL_SIZES = LadderSizes(512, 20, 2, (64, 128, 256, 512, 1024, 2048), 10, 3, compiled_sweep=True)
 QUICK_SIZES = LadderSizes(2, 3, 1, (1, 2), 2, 2, compiled_sweep=False, skip_compile="quick rehearsal", quick=True)
+
+
+def backbone_ladder(model: nn.Module, device: torch.device, sizes: LadderSizes = LadderSizes(), *, name: str = "",
+                    peak: float | None = None,
+                    compiler: Callable[[nn.Module], nn.Module] | None = None) -> list[BenchRow]:
+    """fp32 eager -> half-precision autocast -> explicit attention (the price of capturing maps) -> torch.compile -> batch sizes.
+
+    After the second step the ladder keeps the faster precision, and compares later steps with that row.
+    """
+    images = random_images(model, sizes.batch, device)
+    common = MeasureOptions(model=name, repeats=sizes.repeats, warmup=sizes.warmup, peak=peak)
+    with fused_attention(model, True):
+        fp32 = measure_forward("fp32 eager", model, images, replace(common, note=fp32_note(device)))
+        half = half_precision(device)
+        low = measure_forward(f"{half} autocast", model, images, replace(common, precision=half, versus=fp32))
+    base = low if low.speedup and low.speedup > 1 else fp32
+    fast = base.precision
+    with fused_attention(model, False):
+        explicit = measure_forward(f"{fast} explicit attention", model, images, replace(
+            common, precision=fast, versus=base, note="attention maps materialised, as when capturing them"))
+    rows = [fp32, low, explicit]
+    best, best_model = base, model
+    if not sizes.skip_compile:
+        with fused_attention(model, True):
+            compiled_row, compiled = measure_compiled(f"{fast} compiled", model, images,
+                                                      replace(common, precision=fast, versus=base), compiler=compiler)
+        rows.append(compiled_row)
+        if compiled is not None and compiled_row.images_per_s > base.images_per_s:
+            best, best_model = compiled_row, compiled
+    images = None
+    free_memory(device)
+    if sizes.sweep:
+        with fused_attention(model, True):
+            rows += sweep_batch_sizes(best_model, list(sizes.sweep), device, replace(
+                common, precision=fast, repeats=max(3, sizes.repeats // 2), versus=best), step=f"{best.step}, batch")
+    return rows
 
 
 def ladder_sizes(settings: ScaleSettings, device: torch.device | str) -> LadderSizes:
@@ -333,22 +335,23 @@ def fastest_precision(rows: list[BenchRow]) -> str:
     return max(candidates, key=lambda r: r.images_per_s).precision if candidates else "fp32"
 
 
-def run_ladder(model_name: str, device: str | torch.device | None = None, batch_size: int = 64, steps: int = 10, *,
-               compile: bool = True, sweep: Iterable[int] = (), probe: bool = True, probe_steps: int | None = None,
-               peak: float | None = None) -> list[BenchRow]:
+def run_ladder(model_name: str, device: str | torch.device | None = None, sizes: LadderSizes = LadderSizes(), *,
+               probe: bool = True, peak: float | None = None) -> list[BenchRow]:
     """The whole chapter-07 ladder for a backbone name (weights are not needed: random ones time the same)."""
     from .models import load_backbone
 
     dev = resolve_device(device)
-    if batch_size < 1 or steps < 1:
-        raise SelaggError(f"Batch size and steps must be positive integers, got batch_size={batch_size}, steps={steps}.")
+    if sizes.batch < 1 or sizes.repeats < 1 or sizes.probe_steps < 1:
+        raise SelaggError(f"Batch size, steps and probe steps must be positive integers, got batch={sizes.batch}, "
+                          f"repeats={sizes.repeats}, probe_steps={sizes.probe_steps}.")
     model = load_backbone(model_name, pretrained=False, device=dev)
-    rows = backbone_ladder(model, dev, batch_size, name=model_name, repeats=steps, compile=compile, sweep=sweep, peak=peak)
+    rows = backbone_ladder(model, dev, sizes, name=model_name, peak=peak)
     if probe:
         from .bench_probes import probe_data, probe_ladder
 
-        data = probe_data(model, batch_size, probe_steps or max(2, steps // 2), dev)
-        rows += probe_ladder(model, data, fastest_precision(rows), name=model_name, repeats=3, peak=peak)
+        data = probe_data(model, sizes.batch, sizes.probe_steps, dev)
+        rows += probe_ladder(model, data, MeasureOptions(model=model_name, precision=fastest_precision(rows),
+                                                         repeats=sizes.probe_repeats, peak=peak))
     return rows
 
 

@@ -13,35 +13,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .aggregation import head_layout, make_head
+from .aggregation import HEAD_KINDS
 from .bench import BenchRow, MeasureOptions, measure, random_images
 from .devices import DTYPES, autocast
 from .errors import SelaggError
 from .optim import make_optimizer
-from .probing import ProbeHead, ProbeRecipe
+from .probing import ProbeRecipe, probe_head
 from .stacking import ProbeStack
 from .timing import count_flops, count_params, eager, forward_gflop_per_image
 
-__all__ = ["PROBE_KINDS", "pooling_head", "make_probe", "probe_bank", "bank_members", "learning_rates",
+__all__ = ["PROBE_KINDS", "probe_kind_head", "probe_bank", "bank_members", "learning_rates",
            "train_step_fn", "backbone_tokens", "tokens_in_memory", "ProbeData", "probe_data", "online_epoch_fn",
            "cached_epoch_fn", "training_gflop_per_image", "measure_epoch", "online_vs_cached", "one_vs_many_lrs",
-           "compare_heads", "probe_ladder"]
+           "compare_heads", "probe_ladder", "PROBE_TIMING"]
 
-PROBE_KINDS = ("linear", "abmilp", "attentive")
+#: The probes the ladder compares, by name, and the head of `aggregation.HEAD_KINDS` each one pools with.
+PROBE_KINDS = {"linear": "cls", "abmilp": "abmilp", "attentive": "attentive"}
+#: How probe rows are timed unless the caller says otherwise: three epochs after one warm-up epoch, in fp32.
+PROBE_TIMING = MeasureOptions(repeats=3)
 
 
 # ---------------------------------------------------------------- probes
 
-def pooling_head(kind: str, model: nn.Module) -> nn.Module:
-    """The pooling head of a probe kind: 'linear' pools the [cls] token, 'abmilp' and 'attentive' are learned."""
+def probe_kind_head(kind: str) -> str:
+    """The registered head (`aggregation.HEAD_KINDS`) a probe kind of the ladder pools with."""
     if kind not in PROBE_KINDS:
-        raise SelaggError(f"Unknown probe {kind!r}; choose one of {', '.join(PROBE_KINDS)}.")
-    return make_head("cls" if kind == "linear" else kind, **head_layout(eager(model)))
-
-
-def make_probe(kind: str, model: nn.Module, num_classes: int) -> nn.Module:
-    """One probe for a backbone's tokens: the pooling head, then BatchNorm1d without affine and Linear."""
-    return ProbeHead(pooling_head(kind, model), num_classes)
+        raise SelaggError(f"Unknown probe {kind!r}; choose one of "
+                          f"{', '.join(f'{k} ({HEAD_KINDS[h].summary})' for k, h in PROBE_KINDS.items())}.")
+    return PROBE_KINDS[kind]
 
 
 def probe_bank(kind: str, model: nn.Module, num_classes: int, lrs: list[float],
@@ -50,7 +49,8 @@ def probe_bank(kind: str, model: nn.Module, num_classes: int, lrs: list[float],
 
     Uses `stacking.ProbeStack` (the probes computed in one batched call) and `optim.make_optimizer`.
     """
-    stack = ProbeStack([make_probe(kind, model, num_classes) for _ in lrs]).to(device)
+    stack = ProbeStack([probe_head(probe_kind_head(kind), eager(model), num_classes, seed=None)
+                        for _ in lrs]).to(device)
     return stack, make_optimizer(stack, ProbeRecipe(optimizer="lars"), list(lrs))
 
 
@@ -105,6 +105,7 @@ class ProbeData:
     images: list[torch.Tensor]
     labels: list[torch.Tensor]
     tokens: torch.Tensor | None = None
+    num_classes: int = 10
 
     @property
     def batch_size(self) -> int:
@@ -130,7 +131,7 @@ def probe_data(model: nn.Module, batch_size: int, steps: int, device: torch.devi
     gen = torch.Generator().manual_seed(1)
     images = [random_images(model, batch_size, device, seed=i) for i in range(steps)]
     labels = [torch.randint(0, num_classes, (batch_size,), generator=gen).to(device) for _ in range(steps)]
-    return ProbeData(images, labels)
+    return ProbeData(images, labels, num_classes=num_classes)
 
 
 def _ensure_tokens(model: nn.Module, data: ProbeData, precision: str) -> None:
@@ -189,22 +190,22 @@ def measure_epoch(step_name: str, epoch: Callable[[], None], data: ProbeData, op
 
 # ---------------------------------------------------------------- the rows
 
-def online_vs_cached(model: nn.Module, data: ProbeData, precision: str, *, name: str = "", num_classes: int = 10,
-                     repeats: int = 3, peak: float | None = None) -> list[BenchRow]:
-    """Three rows: filling the token cache once, an online epoch (backbone on every batch) and a cached epoch of a linear probe."""
-    device = data.device
+def online_vs_cached(model: nn.Module, data: ProbeData, options: MeasureOptions = PROBE_TIMING) -> list[BenchRow]:
+    """Three rows: filling the token cache once, an online epoch (backbone on every batch) and a cached epoch of a
+    linear probe; `options` gives the rows' model name, precision, timed epochs and peak."""
+    device, precision = data.device, options.precision
     gflop_backbone = forward_gflop_per_image(model, data.images[0])
-    bank, opt = probe_bank("linear", model, num_classes, learning_rates(1), device)
+    bank, opt = probe_bank("linear", model, data.num_classes, learning_rates(1), device)
     step = train_step_fn(bank, opt, precision)
 
     def fill_cache() -> None:
         data.tokens = tokens_in_memory(model, data.images, precision)
 
     cache_row = measure("cache tokens (once)", fill_cache, device, data.batch_size, MeasureOptions(
-        model=name, precision=precision, gflop_per_image=gflop_backbone, images_per_call=data.num_images, warmup=0,
-        repeats=1, peak=peak, note=f"{data.num_images} images kept on {device.type} in {precision}"))
+        model=options.model, precision=precision, gflop_per_image=gflop_backbone, images_per_call=data.num_images,
+        warmup=0, repeats=1, peak=options.peak, note=f"{data.num_images} images kept on {device.type} in {precision}"))
     head_gflop = training_gflop_per_image(step, data.token_batches()[0], data.labels[0])
-    common = MeasureOptions(model=name, precision=precision, repeats=repeats, peak=peak, params=count_params(bank))
+    common = _row_options(options, params=count_params(bank))
     online = measure_epoch("online epoch, linear", online_epoch_fn(model, step, data, precision), data,
                            replace(common, gflop_per_image=gflop_backbone + head_gflop,
                                    note="backbone forward on every batch"))
@@ -213,44 +214,46 @@ def online_vs_cached(model: nn.Module, data: ProbeData, precision: str, *, name:
     return [cache_row, online, cached]
 
 
-def one_vs_many_lrs(model: nn.Module, data: ProbeData, precision: str, *, n_lrs: int = 8, name: str = "",
-                    num_classes: int = 10, repeats: int = 3, peak: float | None = None) -> list[BenchRow]:
+def one_vs_many_lrs(model: nn.Module, data: ProbeData, options: MeasureOptions = PROBE_TIMING, *,
+                    n_lrs: int = 8) -> list[BenchRow]:
     """Two rows on cached tokens: `n_lrs` linear probes trained one pass each, then all in one pass."""
+    precision = options.precision
     _ensure_tokens(model, data, precision)
     lrs = learning_rates(n_lrs)
-    bank, opt = probe_bank("linear", model, num_classes, lrs, data.device)
+    bank, opt = probe_bank("linear", model, data.num_classes, lrs, data.device)
     step = train_step_fn(bank, opt, precision)
     gflop = training_gflop_per_image(step, data.token_batches()[0], data.labels[0])
-    common = MeasureOptions(model=name, precision=precision, repeats=repeats, peak=peak, params=count_params(bank),
-                            gflop_per_image=gflop)
+    common = _row_options(options, params=count_params(bank), gflop_per_image=gflop)
     separate = measure_epoch(f"{n_lrs} lrs, {n_lrs} cached passes",
-                             _sequential_lrs_fn(model, data, precision, num_classes, lrs), data,
+                             _sequential_lrs_fn(model, data, precision, data.num_classes, lrs), data,
                              replace(common, note="one probe per pass"))
     together = measure_epoch(f"{n_lrs} lrs, one cached pass", cached_epoch_fn(step, data), data,
                              replace(common, versus=separate, note="one optimizer, a parameter group per lr"))
     return [separate, together]
 
 
-def compare_heads(model: nn.Module, data: ProbeData, precision: str, *,
-                  heads: tuple[str, ...] = PROBE_KINDS, name: str = "",
-                  num_classes: int = 10, repeats: int = 3, peak: float | None = None) -> list[BenchRow]:
+def compare_heads(model: nn.Module, data: ProbeData, options: MeasureOptions = PROBE_TIMING, *,
+                  heads: tuple[str, ...] = tuple(PROBE_KINDS)) -> list[BenchRow]:
     """A cached epoch of each probe head: time, memory and parameter count, each against the first head."""
-    _ensure_tokens(model, data, precision)
+    _ensure_tokens(model, data, options.precision)
     rows: list[BenchRow] = []
     for kind in heads:
-        bank, opt = probe_bank(kind, model, num_classes, learning_rates(1), data.device)
-        step = train_step_fn(bank, opt, precision)
+        bank, opt = probe_bank(kind, model, data.num_classes, learning_rates(1), data.device)
+        step = train_step_fn(bank, opt, options.precision)
         gflop = training_gflop_per_image(step, data.token_batches()[0], data.labels[0])
-        rows.append(measure_epoch(f"{kind} head, cached epoch", cached_epoch_fn(step, data), data, MeasureOptions(
-            model=name, precision=precision, gflop_per_image=gflop, params=count_params(bank),
-            versus=rows[0] if rows else None, repeats=repeats, peak=peak)))
+        rows.append(measure_epoch(f"{kind} head, cached epoch", cached_epoch_fn(step, data), data, _row_options(
+            options, gflop_per_image=gflop, params=count_params(bank), versus=rows[0] if rows else None)))
     return rows
 
 
-def probe_ladder(model: nn.Module, data: ProbeData, precision: str, *, name: str = "", num_classes: int = 10,
-                 repeats: int = 3, peak: float | None = None, heads: tuple[str, ...] = PROBE_KINDS,
-                 n_lrs: int = 8) -> list[BenchRow]:
+def probe_ladder(model: nn.Module, data: ProbeData, options: MeasureOptions = PROBE_TIMING, *,
+                 heads: tuple[str, ...] = tuple(PROBE_KINDS), n_lrs: int = 8) -> list[BenchRow]:
     """The probe side of the ladder: online vs cached epochs, one vs many learning rates in one pass, and the heads."""
-    common = dict(name=name, num_classes=num_classes, repeats=repeats, peak=peak)
-    return (online_vs_cached(model, data, precision, **common) + one_vs_many_lrs(model, data, precision, n_lrs=n_lrs, **common)
-            + compare_heads(model, data, precision, heads=heads, **common))
+    return (online_vs_cached(model, data, options) + one_vs_many_lrs(model, data, options, n_lrs=n_lrs)
+            + compare_heads(model, data, options, heads=heads))
+
+
+def _row_options(options: MeasureOptions, **measured) -> MeasureOptions:
+    """The options of one probe row: the caller's model name, precision, repeats and peak, and what was measured."""
+    return MeasureOptions(model=options.model, precision=options.precision, repeats=options.repeats,
+                          peak=options.peak, **measured)

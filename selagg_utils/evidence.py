@@ -48,7 +48,7 @@ def reconstruction_report(mae: MaskedAutoencoder, images: torch.Tensor, mask_rat
                           seed: int = 0) -> dict[str, float]:
     """Pixel MSE on hidden patches: the MAE vs filling each hidden patch with the visible pixels' mean."""
     out = mae(images, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(seed))
-    model_mse = hidden_patch_mse(out["reconstruction"], images, out["mask"], mae.patch_size)
-    base = mean_fill_baseline(images, out["mask"], mae.patch_size)
-    baseline_mse = hidden_patch_mse(base, images, out["mask"], mae.patch_size)
+    model_mse = hidden_patch_mse(out["reconstruction"], images, out["hidden"], mae.patch_size)
+    base = mean_fill_baseline(images, out["hidden"], mae.patch_size)
+    baseline_mse = hidden_patch_mse(base, images, out["hidden"], mae.patch_size)
     return {"mae_mse": model_mse, "baseline_mse": baseline_mse, "ratio": model_mse / baseline_mse}

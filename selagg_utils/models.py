@@ -15,8 +15,8 @@ from .errors import SelaggError
 __all__ = ["CHECKPOINT_DIR", "TINY_CONFIG", "TINY_NAMES", "FULL_NAMES", "RANDOM_INIT_SEED", "tiny_vit",
            "check_image_size", "tiny_checkpoint_path", "BackboneSpec", "resolve_backbone", "is_timm_name",
            "full_scale_img_size", "data_config", "load_backbone", "uses_pretrained_weights", "weights_cached",
-           "check_weights_reachable", "model_from_checkpoint", "load_weights", "vit_config", "has_cls_token", "num_prefix_tokens",
-           "patch_grid"]
+           "check_weights_reachable", "model_from_checkpoint", "load_weights", "vit_config", "TokenLayout",
+           "token_layout"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -327,16 +327,53 @@ def vit_config(model: VisionTransformer) -> dict:
                 global_pool=model.global_pool)
 
 
-def has_cls_token(model: VisionTransformer) -> bool:
-    """Whether the ViT has a [cls] token."""
-    return getattr(model, "cls_token", None) is not None
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a ViT's tokens sit: prefix tokens first ([cls], then registers), then the patches row by row."""
+
+    has_cls: bool
+    num_registers: int
+    grid_size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        """Refuse counts and grids that no ViT has (a wrong layout pools or labels the wrong tokens)."""
+        if not isinstance(self.has_cls, (bool, int)) or isinstance(self.num_registers, bool) \
+                or not isinstance(self.num_registers, int) or self.num_registers < 0:
+            raise SelaggError(f"A token layout needs has_cls True or False and a whole number of registers >= 0, got "
+                              f"has_cls={self.has_cls!r}, num_registers={self.num_registers!r}; read it from the "
+                              "backbone with models.token_layout(model).")
+        grid = tuple(self.grid_size) if isinstance(self.grid_size, (tuple, list, torch.Size)) else (self.grid_size,)
+        if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
+            raise SelaggError(f"A patch grid is (rows, cols) of positive whole numbers, got {self.grid_size!r}; "
+                              "read it from the backbone with models.token_layout(model).")
+        object.__setattr__(self, "has_cls", bool(self.has_cls))
+        object.__setattr__(self, "grid_size", (int(grid[0]), int(grid[1])))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.has_cls) + self.num_registers
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+    @property
+    def prefix_names(self) -> tuple[str, ...]:
+        return ("cls",) * self.has_cls + tuple(f"reg{r}" for r in range(self.num_registers))
 
 
-def num_prefix_tokens(model: VisionTransformer) -> int:
-    """How many tokens precede the patches ([cls] and registers)."""
-    return int(getattr(model, "num_prefix_tokens", 1 if has_cls_token(model) else 0))
-
-
-def patch_grid(model: VisionTransformer) -> tuple[int, int]:
-    """The (rows, cols) grid of patch tokens."""
-    return tuple(model.patch_embed.grid_size)
+def token_layout(model: torch.nn.Module) -> TokenLayout:
+    """The prefix/patch layout of a timm ViT's token sequence."""
+    if not hasattr(model, "patch_embed"):
+        raise SelaggError(f"A token layout is read from a timm VisionTransformer, not from a {type(model).__name__}; "
+                          "build the backbone with models.load_backbone or timm.create_model('vit_...').")
+    has_cls = getattr(model, "cls_token", None) is not None
+    num_registers = int(getattr(model, "num_reg_tokens", 0) or 0)
+    if int(getattr(model, "num_prefix_tokens", has_cls + num_registers)) != has_cls + num_registers:
+        raise SelaggError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens that are neither "
+                          "[cls] nor registers; only timm ViTs with [cls] and/or register tokens are supported.")
+    return TokenLayout(has_cls, num_registers, tuple(int(g) for g in model.patch_embed.grid_size))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import nn
 from .progress import progress_bar
 
 __all__ = ["patchify", "unpatchify", "random_masking", "MaeDecoder", "MaskedAutoencoder", "mean_fill_baseline",
-           "hidden_patch_mse", "random_views", "info_nce", "ContrastiveJEA", "train_steps"]
+           "hidden_patch_mse", "random_views", "info_nce", "ContrastiveJEA", "TrainOptions", "train_steps"]
 
 
 # ----------------------------------------------------------------------------- patches
@@ -40,14 +41,14 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices of the kept patches (B, n_keep), mask (B, N) with 1 = hidden), uniformly at random."""
+    """(indices of the kept patches (B, n_keep), `hidden` (B, N): 1 where MAE hides a patch), uniformly at random."""
     n_keep = max(1, int(round(num_patches * (1 - mask_ratio))))
     noise = torch.rand(batch, num_patches, generator=generator, device=device)
     order = noise.argsort(dim=1)
     keep = order[:, :n_keep]
-    mask = torch.ones(batch, num_patches, device=device)
-    mask.scatter_(1, keep, 0.0)
-    return keep, mask
+    hidden = torch.ones(batch, num_patches, device=device)
+    hidden.scatter_(1, keep, 0.0)
+    return keep, hidden
 
 
 # ----------------------------------------------------------------------------- MAE
@@ -114,34 +115,35 @@ class MaskedAutoencoder(nn.Module):
 
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms on the hidden patches, the pixel reconstruction and the mask (1 = hidden)."""
+        """Loss terms on the hidden patches, the pixel reconstruction and `hidden` (B, N), 1 where a patch was hidden."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        keep, mask = random_masking(images.shape[0], self.num_patches, ratio, images.device, generator)
+        keep, hidden = random_masking(images.shape[0], self.num_patches, ratio, images.device, generator)
         out = self.decoder(self.encode_visible(images, keep), keep, self.num_patches)
         pred_norm, pred_mean, pred_std = out[..., :-2], out[..., -2], out[..., -1]
         target, mean, std = self.targets(images)
-        hidden = mask.sum().clamp_min(1)
-        pixel_loss = (((pred_norm - target) ** 2).mean(-1) * mask).sum() / hidden
-        stats_loss = (((pred_mean - mean) ** 2 + (pred_std - std) ** 2) * mask).sum() / hidden
+        n_hidden = hidden.sum().clamp_min(1)
+        pixel_loss = (((pred_norm - target) ** 2).mean(-1) * hidden).sum() / n_hidden
+        stats_loss = (((pred_mean - mean) ** 2 + (pred_std - std) ** 2) * hidden).sum() / n_hidden
         recon = pred_norm * (pred_std.clamp_min(0)[..., None] ** 2 + self.norm_eps).sqrt() + pred_mean[..., None]
         return {"loss": pixel_loss + self.stats_weight * stats_loss, "norm_pix_loss": pixel_loss,
                 "stats_loss": stats_loss, "reconstruction": unpatchify(recon, self.patch_size, self.channels),
-                "mask": mask}
+                "hidden": hidden}
 
 
-def mean_fill_baseline(images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Each hidden patch filled with the mean of the image's visible pixels (a model-free baseline)."""
+def mean_fill_baseline(images: torch.Tensor, hidden: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Each hidden patch (`hidden` (B, N), 1 = hidden) filled with the mean of the image's visible pixels (a
+    model-free baseline)."""
     patches = patchify(images, patch_size)
-    visible = (1 - mask)[..., None]
+    visible = (1 - hidden)[..., None]
     fill = (patches * visible).sum((1, 2)) / (visible.sum((1, 2)) * patches.shape[-1])
-    filled = torch.where(mask[..., None].bool(), fill[:, None, None].expand_as(patches), patches)
+    filled = torch.where(hidden[..., None].bool(), fill[:, None, None].expand_as(patches), patches)
     return unpatchify(filled, patch_size, images.shape[1])
 
 
-def hidden_patch_mse(prediction: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> float:
-    """Mean squared error in pixels over the hidden patches only."""
+def hidden_patch_mse(prediction: torch.Tensor, images: torch.Tensor, hidden: torch.Tensor, patch_size: int) -> float:
+    """Mean squared error in pixels over the hidden patches only (`hidden` (B, N), 1 = hidden)."""
     err = ((patchify(prediction, patch_size) - patchify(images, patch_size)) ** 2).mean(-1)
-    return float((err * mask).sum() / mask.sum())
+    return float((err * hidden).sum() / hidden.sum())
 
 
 # ----------------------------------------------------------------------------- contrastive JEA
@@ -198,22 +200,36 @@ class ContrastiveJEA(nn.Module):
 
 
 # ----------------------------------------------------------------------------- training loop
-def train_steps(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float = 1e-3,
-                weight_decay: float = 0.05, warmup: int | None = None, betas: tuple[float, float] = (0.9, 0.95),
-                device: torch.device | str = "cpu", seed: int = 0, progress: bool = True,
-                extra_logs: Callable[[dict], dict] | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class TrainOptions:
+    """How `train_steps` trains: AdamW's peak learning rate, weight decay and betas, the warm-up steps (None: one
+    step in 20, at least one), the device, the seed of the masks and views drawn, and whether to show progress."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+def train_steps(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                options: TrainOptions = TrainOptions()) -> list[dict]:
     """AdamW with warm-up and cosine decay (timm's), for a fixed number of steps; returns the loss history."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
+    o = options
+    lr, device = o.lr, o.device
     model.to(device).train()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=betas)
-    warmup = max(1, steps // 20) if warmup is None else warmup
+    generator = torch.Generator(device=device).manual_seed(o.seed)
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=o.weight_decay, betas=o.betas)
+    warmup = max(1, steps // 20) if o.warmup is None else o.warmup
     schedule = CosineLRScheduler(optimizer, t_initial=steps, warmup_t=warmup, warmup_lr_init=lr / 100,
                                  lr_min=lr / 100, t_in_epochs=False)
     history, start = [], time.perf_counter()
-    bar = progress_bar(range(steps), enabled=progress, desc=type(model).__name__, mininterval=2.0)
+    bar = progress_bar(range(steps), enabled=o.progress, desc=type(model).__name__, mininterval=2.0)
     for step in bar:
         schedule.step_update(step)
         images, _ = next(batches)

@@ -12,9 +12,9 @@ from . import __version__
 from .checkpoints import save_checkpoint
 from .config import device as pick_device
 from .devices import device_name
-from .data import DigitStream, DigitsRecipe
+from .digits import DigitStream, DigitsRecipe
 from .models import CHECKPOINT_DIR, tiny_vit, vit_config
-from .pretrain import ContrastiveJEA, MaskedAutoencoder, train_steps
+from .pretrain import ContrastiveJEA, MaskedAutoencoder, TrainOptions, train_steps
 
 __all__ = ["DEFAULTS", "code_version", "pretrain_tiny"]
 
@@ -47,8 +47,8 @@ def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, 
              "random": lambda: None}[method]()
     start, history = time.perf_counter(), []
     if model is not None:
-        history = train_steps(model, DigitStream(batch_size, seed=seed, recipe=recipe), steps, lr=lr,
-                              device=dev, seed=seed, progress=progress)
+        history = train_steps(model, DigitStream(batch_size, seed=seed, recipe=recipe), steps,
+                              TrainOptions(lr=lr, device=dev, seed=seed, progress=progress))
     wall = time.perf_counter() - start
     state = {f"backbone.{k}": v for k, v in encoder.state_dict().items()}
     if method == "mae":

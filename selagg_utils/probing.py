@@ -20,15 +20,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 
-from .aggregation import Aggregator, head_layout, make_head
+from .aggregation import HEAD_KINDS, Aggregator, make_head
 from .checks import first_nonfinite_item, notice, real_number, whole_number
 from .errors import SelaggError
 from .features import TokenSet
+from .models import TokenLayout, token_layout
 from .optim import OPTIMIZERS, make_optimizer
 from .progress import progress_bar
 from .stacking import ProbeStack, diverged_copies, stack_accuracy, training_source
 
-__all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "train_probes", "train_probe", "fit_stack",
+__all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "head_inputs", "train_probes", "train_probe", "fit_stack",
            "probe_accuracy", "head_weights", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
            "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR", "cross_entropy_backward"]
 
@@ -91,9 +92,9 @@ class ProbeHead(nn.Module):
         nn.init.trunc_normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (B, classes)."""
-        return self.linear(self.bn(self.pool(tokens, mask)[0]))
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits (B, classes); `keep` marks the tokens the head may pool (see `aggregation`)."""
+        return self.linear(self.bn(self.pool(tokens, keep)[0]))
 
 
 
@@ -174,12 +175,30 @@ class ProbeResult:
         return self.best_lr in (self.lrs[0], self.lrs[-1]) and len(self.lrs) > 1
 
 
-def probe_head(head_name: str, source: TokenSet | nn.Module, num_classes: int, seed: int = 0,
-               **head_kwargs) -> ProbeHead:
-    """A freshly initialised probe for a TokenSet's or a timm ViT's tokens (initialisation depends on the seed only)."""
+def probe_head(head_name: str, source: TokenSet | nn.Module, num_classes: int, seed: int | None = 0,
+               **options) -> ProbeHead:
+    """A freshly initialised probe for a TokenSet's or a timm ViT's tokens: the head `head_name` of
+    `aggregation.HEAD_KINDS` (with `options`), then BatchNorm and a linear layer.
+
+    Its initialisation depends on `seed` only; `seed=None` draws it from torch's global generator.
+    """
+    dim, layout = head_inputs(source)
+    if seed is None:
+        return ProbeHead(make_head(head_name, dim, layout, **options), num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ProbeHead(make_head(head_name, **{**head_layout(source), **head_kwargs}), num_classes)
+        return ProbeHead(make_head(head_name, dim, layout, **options), num_classes)
+
+
+def head_inputs(source: TokenSet | nn.Module) -> tuple[int, TokenLayout]:
+    """The token width and layout a head needs, from a TokenSet or a timm ViT."""
+    if isinstance(source, TokenSet):
+        return source.dim, source.layout
+    if isinstance(source, nn.Module) and hasattr(source, "embed_dim") and hasattr(source, "patch_embed"):
+        return int(source.embed_dim), token_layout(source)
+    raise SelaggError(f"A probe reads its tokens' width and layout from a features.TokenSet or a timm ViT, got a "
+                      f"{type(source).__name__}; pass one of those, or build the head with aggregation.make_head("
+                      f"name, dim, layout) from the names {', '.join(HEAD_KINDS)}.")
 
 
 def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet | None = None,

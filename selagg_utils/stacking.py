@@ -102,19 +102,19 @@ def can_stack(pool: Aggregator) -> bool:
     return False
 
 
-def stacked_pooled(copies: list[Aggregator], tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def stacked_pooled(copies: list[Aggregator], tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """Pooled features of K copies of one stackable head (see `can_stack`) in one batched call, (K, B, D).
 
     `tokens` is (B, T, D), shared by all copies, or (S, B, T, D): S groups of K / S consecutive copies,
-    each group with its own batch. `mask` is (B, T) or None.
+    each group with its own batch. `keep` (the tokens that may be pooled) is (B, T) or None.
     """
     if isinstance(copies[0], AbMILP):
-        return abmilp_stacked(copies, tokens, mask)
-    return attentive_stacked(copies, tokens, mask)
+        return abmilp_stacked(copies, tokens, keep)
+    return attentive_stacked(copies, tokens, keep)
 
 
-def abmilp_stacked(copies: list[AbMILP], tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """AbMILP's pooled features for K copies, (K, B, D); tokens and mask as in `stacked_pooled`."""
+def abmilp_stacked(copies: list[AbMILP], tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """AbMILP's pooled features for K copies, (K, B, D); tokens and keep as in `stacked_pooled`."""
     first = copies[0]
     x = tokens if tokens.ndim == 4 else tokens[None]  # (S, B, T, D)
     h = x
@@ -131,12 +131,12 @@ def abmilp_stacked(copies: list[AbMILP], tokens: torch.Tensor, mask: torch.Tenso
                                  torch.stack([c.score.bias for c in copies]))
     else:
         scores = _stacked_linear(h, [c.score for c in copies]).squeeze(-1).permute(0, 3, 1, 2)
-    keep = first.pooled_positions(x.shape[2], first.include_cls).to(x.device)
-    keep = keep if mask is None else keep & mask
-    return _copies_first(softmax_pooled(scores.masked_fill(~keep, float("-inf")), x))
+    pooled = first.pooled_positions(x.shape[2], first.include_cls).to(x.device)
+    pooled = pooled if keep is None else pooled & keep
+    return _copies_first(softmax_pooled(scores.masked_fill(~pooled, float("-inf")), x))
 
 
-def attentive_stacked(copies: list[AttentivePool], tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attentive_stacked(copies: list[AttentivePool], tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """The attention-only attentive probe's pooled features for K copies, (K, B, D); tokens as in `stacked_pooled`."""
     a, p = copies[0].attn, copies[0].num_prefix_tokens
     patches = (tokens if tokens.ndim == 4 else tokens[None])[:, :, p:]  # (S, B, N, C)
@@ -148,8 +148,8 @@ def attentive_stacked(copies: list[AttentivePool], tokens: torch.Tensor, mask: t
     u = torch.einsum("khd,khdc->khc", q, kv_w[:, 0])  # the query folded into the key projection
     bias = torch.einsum("khd,khd->kh", q, kv_b[:, 0])
     logits = _stacked_scores(patches, u, bias)  # (S, L * heads, B, N)
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, p:], float("-inf"))
+    if keep is not None:
+        logits = logits.masked_fill(~keep[:, p:], float("-inf"))
     mixed = softmax_pooled(logits, patches).reshape(groups, -1, k // groups, heads, c)  # (S, B, L, heads, C)
     w_v = kv_w[:, 1].reshape(groups, k // groups, heads, hd, c)
     out = torch.einsum("sblhc,slhdc->sblhd", mixed, w_v).flatten(3)  # (S, B, L, C)
@@ -193,25 +193,25 @@ class ProbeStack(nn.Module):
         self.prepooled = bool(prepooled)
         return self
 
-    def pooled(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features of every head, (K, B, D)."""
         first = self.heads[0].pool
         per_group = len(self.heads) // self.groups
         if tokens.ndim == 4:
-            if mask is not None:
-                raise SelaggError("Grouped training batches take no mask; pass mask=None.")
+            if keep is not None:
+                raise SelaggError("Grouped training batches take no keep mask; pass keep=None.")
             s, b = tokens.shape[:2]
             tokens = first.check(tokens.flatten(0, 1), None)[0].reshape(s, b, *tokens.shape[2:])
         else:
-            tokens, mask = first.check(tokens, mask)
+            tokens, keep = first.check(tokens, keep)
         if not self.learns_pooling:  # cls / mean: nothing learned, pool once per batch
             flat = tokens.flatten(0, 1) if tokens.ndim == 4 else tokens
-            z = first.pool(flat, mask)[0]
+            z = first.pool(flat, keep)[0]
             z = z.reshape(self.groups, -1, z.shape[-1]) if tokens.ndim == 4 else z.expand(self.groups, -1, -1)
             return z.repeat_interleave(per_group, dim=0)
         if can_stack(first):
-            return stacked_pooled([h.pool for h in self.heads], tokens, mask)
-        return torch.stack([h.pool.pool(tokens[k // per_group] if tokens.ndim == 4 else tokens, mask)[0]
+            return stacked_pooled([h.pool for h in self.heads], tokens, keep)
+        return torch.stack([h.pool.pool(tokens[k // per_group] if tokens.ndim == 4 else tokens, keep)[0]
                             for k, h in enumerate(self.heads)])
 
     def normalised(self, z: torch.Tensor) -> torch.Tensor:
@@ -255,7 +255,7 @@ class ProbeStack(nn.Module):
         logits = torch.baddbmm(bias.reshape(s, 1, per * c), zn, w.reshape(s, per * c, d).transpose(1, 2))
         return logits.reshape(s, b, per, c).permute(0, 2, 1, 3).reshape(-1, b, c)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits of every copy, (K, B, classes)."""
         if self.prepooled:  # features already pooled: (B, D) shared or (S, B, D) per group
             z = tokens.expand(self.groups, -1, -1) if tokens.ndim == 2 else tokens
@@ -263,7 +263,7 @@ class ProbeStack(nn.Module):
                 return negligible_grad_dropped(self.shared_logits(z))
             z = z.repeat_interleave(len(self.heads) // self.groups, dim=0)
         else:
-            z = self.pooled(tokens, mask)
+            z = self.pooled(tokens, keep)
         z = self.normalised(z)
         w = torch.stack([h.linear.weight for h in self.heads])
         b = torch.stack([h.linear.bias for h in self.heads])

@@ -67,7 +67,7 @@ def outline_mask(ax: plt.Axes, mask: torch.Tensor, patch_size: int, color: str =
 def displayable(image: torch.Tensor) -> np.ndarray:
     """An image tensor (C, H, W) in [0, 1] as an array imshow can draw: (H, W) gray or (H, W, 3), clamped.
 
-    Normalised model inputs must be de-normalised first (`data.displayable`); stretching each image
+    Normalised model inputs must be de-normalised first (`transforms.displayable`); stretching each image
     to its own minimum and maximum would change its colours and contrast.
     """
     img = image.detach().float().cpu().clamp(0, 1)
@@ -136,10 +136,10 @@ def attention_explorer_figure(images: torch.Tensor, maps, image: int = 0, block:
     left.imshow(displayable(images[image]), cmap="gray")
     left.set_xticks([])
     left.set_yticks([])
-    index = maps.query_index(query) - layout.num_prefix
+    index = maps.query_index(query) - layout.num_prefix_tokens
     if index >= 0:  # a patch query: outline it
-        ph, pw = (s / g for s, g in zip(displayable(images[image]).shape[:2], layout.grid))
-        r, c = divmod(index, layout.grid[1])
+        ph, pw = (s / g for s, g in zip(displayable(images[image]).shape[:2], layout.grid_size))
+        r, c = divmod(index, layout.grid_size[1])
         left.add_patch(plt.Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec="cyan", lw=2))
     left.set_title(f"image {image}, query {query}")
     artist = overlay_attention(right, images[image], amap)
@@ -163,8 +163,8 @@ def attention_explorer(images: torch.Tensor, maps):
     viewer without widgets) it shows as a picture of its current view.
     """
     blocks, n_images, heads = maps.probs.shape[:3]
-    queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid[0])
-                                                 for c in range(maps.layout.grid[1])]
+    queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid_size[0])
+                                                 for c in range(maps.layout.grid_size[1])]
     controls = {"image": widgets.IntSlider(0, 0, n_images - 1, description="image"),
                 "block": widgets.IntSlider(blocks, 1, blocks, description="block"),
                 "head": widgets.Dropdown(options=["mean", *range(1, heads + 1)], description="head"),
@@ -215,7 +215,7 @@ def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: f
     return fig
 
 
-def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], masks: torch.Tensor | None = None,
+def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], object_masks: torch.Tensor | None = None,
                 patch_size: int | None = None, size: float = 1.5) -> plt.Figure:
     """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale."""
     n = len(images)
@@ -224,8 +224,8 @@ def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], masks: torc
         vmax = float(weights.max())
         for i in range(n):
             artist = overlay_attention(axes[r, i], images[i], weights[i], vmax=vmax)
-            if masks is not None and patch_size is not None:
-                outline_mask(axes[r, i], masks[i], patch_size, color="cyan")
+            if object_masks is not None and patch_size is not None:
+                outline_mask(axes[r, i], object_masks[i], patch_size, color="cyan")
         axes[r, 0].set_ylabel(name, fontsize=8)
         fig.colorbar(artist, ax=axes[r].tolist(), shrink=0.8, label="weight")
     return fig

@@ -6,11 +6,12 @@ from hypothesis import strategies as st
 
 from selagg_utils import SelaggError
 from selagg_utils import aggregation
-from selagg_utils.aggregation import (HEAD_KINDS, HEADS, AbMILP, check_mask, describe_heads, head_layout,
-                                      localisation_score, make_head, masked_softmax, negligible_grad_dropped,
+from selagg_utils.aggregation import (HEAD_KINDS, HEADS, AbMILP, check_keep, describe_heads, localisation_score,
+                                      make_head, masked_softmax, negligible_grad_dropped, patch_weights,
                                       uniform_localisation)
 from selagg_utils.features import TokenSet
-from selagg_utils.models import tiny_vit
+from selagg_utils.models import TokenLayout, tiny_vit, token_layout
+from selagg_utils.probing import head_inputs
 
 D = 32
 
@@ -21,7 +22,7 @@ def tokens(b=3, prefix=1, grid=(4, 4), seed=0):
 
 @pytest.mark.parametrize("name", HEADS)
 def test_every_head_pools_to_b_by_d_with_weights_summing_to_one(name):
-    head = make_head(name, D, 1, True, (4, 4), **({"num_heads": 2} if name == "attentive" else {}))
+    head = make_head(name, D, TokenLayout(True, 0, (4, 4)), **({"num_heads": 2} if name == "attentive" else {}))
     pooled, weights = head(tokens())
     assert pooled.shape == (3, D) and weights.shape == (3, 17)
     assert torch.allclose(weights.sum(1), torch.ones(3), atol=1e-5)
@@ -29,7 +30,7 @@ def test_every_head_pools_to_b_by_d_with_weights_summing_to_one(name):
 
 @pytest.mark.parametrize("name", [h for h in HEADS if h not in ("cls", "abmilp-cls")])
 def test_registers_and_cls_get_no_weight_by_default(name):
-    head = make_head(name, D, 5, True, (4, 4), **({"num_heads": 2} if name == "attentive" else {}))
+    head = make_head(name, D, TokenLayout(True, 4, (4, 4)), **({"num_heads": 2} if name == "attentive" else {}))
     _, weights = head(tokens(prefix=5))
     assert torch.all(weights[:, :5] == 0)
 
@@ -56,22 +57,22 @@ def test_cls_and_mean():
 def test_attentive_equals_timm_forward_with_and_without_mask():
     head = make_head("attentive", D, num_heads=4)
     x = tokens()
-    mask = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) > 0.4
-    mask[:, 0] = True
+    keep = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) > 0.4
+    keep[:, 0] = True
     assert torch.allclose(head(x)[0], head.pool_reference(x), atol=1e-5)
-    assert torch.allclose(head(x, mask)[0], head.pool_reference(x, check_mask(mask, x, 1)), atol=1e-5)
+    assert torch.allclose(head(x, keep)[0], head.pool_reference(x, check_keep(keep, x, 1)), atol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 4), prefix=st.integers(1, 3), seed=st.integers(0, 1000),
        name=st.sampled_from(["mean", "abmilp", "abmilp-gated", "attentive"]))
-def test_masked_tokens_get_zero_weight(b, prefix, seed, name):
+def test_tokens_left_out_of_keep_get_zero_weight(b, prefix, seed, name):
     x = tokens(b, prefix, seed=seed)
-    mask = torch.rand(b, 16, generator=torch.Generator().manual_seed(seed)) > 0.5
-    mask[:, seed % 16] = True
-    head = make_head(name, D, prefix, True, (4, 4), **({"num_heads": 2} if name == "attentive" else {}))
-    _, weights = head(x, mask)
-    assert torch.all(weights[:, prefix:][~mask] == 0)
+    keep = torch.rand(b, 16, generator=torch.Generator().manual_seed(seed)) > 0.5
+    keep[:, seed % 16] = True
+    head = make_head(name, D, TokenLayout(True, prefix - 1, (4, 4)), **({"num_heads": 2} if name == "attentive" else {}))
+    _, weights = head(x, keep)
+    assert torch.all(weights[:, prefix:][~keep] == 0)
     assert torch.allclose(weights.sum(1), torch.ones(b), atol=1e-5)
 
 
@@ -87,13 +88,18 @@ def test_negligible_weights_and_gradients_become_exact_zeros():
     assert x.grad[1] == 0 and x.grad[2] == 0
 
 
-def test_head_layout_reads_width_prefix_and_grid_from_a_model_or_a_token_set():
-    head = make_head("abmilp-pos", **head_layout(tiny_vit()))
+def test_heads_are_built_from_the_layout_of_a_model_or_a_token_set():
+    head = make_head("abmilp-pos", 128, token_layout(tiny_vit()))
     assert (head.dim, head.num_prefix_tokens, head.has_cls, len(head.pos_embed)) == (128, 1, True, 64)
-    ts = TokenSet(tokens(prefix=5).half(), torch.arange(3), 5, True, (4, 4))
-    assert head_layout(ts) == dict(dim=D, num_prefix_tokens=5, has_cls=True, grid_size=(4, 4))
+    ts = TokenSet(tokens(prefix=5).half(), torch.arange(3), TokenLayout(True, 4, (4, 4)))
+    assert head_inputs(ts) == (D, TokenLayout(True, 4, (4, 4)))
+    assert head_inputs(tiny_vit()) == (128, TokenLayout(True, 0, (8, 8)))
+    weights = make_head("mean", D, ts.layout)(ts.tokens.float())[1]
+    assert torch.equal(patch_weights(weights, ts.layout), torch.full((3, 4, 4), 1 / 16))
     with pytest.raises(SelaggError, match="TokenSet or a timm ViT"):
-        head_layout(torch.zeros(3, 17, D))
+        head_inputs(torch.zeros(3, 17, D))
+    with pytest.raises(SelaggError, match="layout is a models.TokenLayout"):
+        make_head("mean", D, (1, True, (4, 4)))
 
 
 def abmilp_options(head: AbMILP) -> dict:
@@ -108,7 +114,7 @@ def abmilp_options(head: AbMILP) -> dict:
 @pytest.mark.parametrize("name", HEADS)
 def test_make_head_builds_what_the_registry_says(name):
     kind = HEAD_KINDS[name]
-    head = make_head(name, D, 1, True, (4, 4), **({"num_heads": 2} if name == "attentive" else {}))
+    head = make_head(name, D, TokenLayout(True, 0, (4, 4)), **({"num_heads": 2} if name == "attentive" else {}))
     assert type(head) is kind.cls
     if kind.cls is AbMILP:
         built = abmilp_options(head)
@@ -151,8 +157,8 @@ def test_half_tokens_are_accepted():
     assert pooled.dtype == torch.float32
 
 
-def test_mask_that_does_not_match_raises():
-    with pytest.raises(SelaggError, match="mask has shape"):
+def test_keep_mask_that_does_not_match_raises():
+    with pytest.raises(SelaggError, match="keep mask has shape"):
         make_head("mean", D)(tokens(), torch.ones(3, 10, dtype=torch.bool))
     with pytest.raises(SelaggError, match="boolean"):
         make_head("mean", D)(tokens(), torch.ones(3, 16))
@@ -162,9 +168,9 @@ def test_mask_that_does_not_match_raises():
 
 def test_cls_on_model_without_cls_raises():
     with pytest.raises(SelaggError, match="no \\[cls\\] token"):
-        make_head("cls", D, num_prefix_tokens=0, has_cls=False)
+        make_head("cls", D, TokenLayout(False, 0, (4, 4)))
     with pytest.raises(SelaggError, match="no \\[cls\\] token"):
-        make_head("cls", **head_layout(tiny_vit(class_token=False, global_pool="avg")))
+        make_head("cls", 128, token_layout(tiny_vit(class_token=False, global_pool="avg")))
 
 
 def test_unknown_head_raises_listing_every_registered_head():

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from selagg_utils import SelaggError
 from selagg_utils import attention as A
-from selagg_utils.models import tiny_vit
+from selagg_utils.models import TokenLayout, tiny_vit, token_layout
 
 torch.set_num_threads(1)
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a 4x4 grid of patches
@@ -134,8 +134,8 @@ def test_statistics_match_direct_computation_from_q_and_k(kind):
 def test_statistics_of_a_real_register_model_keep_prefix_tokens_apart():
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, num_classes=0).eval()
-    layout = A.token_layout(model)
-    assert (layout.has_cls, layout.num_registers, layout.grid) == (True, 4, (2, 2))
+    layout = token_layout(model)
+    assert (layout.has_cls, layout.num_registers, layout.grid_size) == (True, 4, (2, 2))
     assert layout.prefix_names == ("cls", "reg0", "reg1", "reg2", "reg3")
     images = torch.randn(2, 3, 28, 28)
     maps = A.attention_maps(model, images)
@@ -183,13 +183,13 @@ def test_autocast_bf16_gives_float32_results_close_to_full_precision():
 
 
 # ----------------------------------------------------------------------------- entropy edge cases and properties
-def layout_of(has_cls: bool = True, registers: int = 0, grid: tuple[int, int] = (4, 4)) -> A.TokenLayout:
-    return A.TokenLayout(has_cls, registers, grid)
+def layout_of(has_cls: bool = True, registers: int = 0, grid: tuple[int, int] = (4, 4)) -> TokenLayout:
+    return TokenLayout(has_cls, registers, grid)
 
 
 def test_uniform_attention_has_normalised_entropy_one():
     layout = layout_of(registers=1)
-    t = layout.num_prefix + layout.num_patches
+    t = layout.num_prefix_tokens + layout.num_patches
     stats = A.batch_statistics(torch.full((2, 3, t, t), 1 / t), layout)
     for name in ("cls_patch_entropy_norm", "patch_patch_entropy_norm"):
         torch.testing.assert_close(stats[name], torch.ones(2, 3))
@@ -200,13 +200,13 @@ def test_one_hot_attention_has_entropy_zero_and_no_nan():
     layout = layout_of()
     probs = torch.zeros(1, 2, 17, 17)
     probs[..., 5] = 1.0  # every query looks at patch 4 only
-    stats = A.batch_statistics(probs, layout, object_mask=torch.arange(16).reshape(1, 4, 4) == 4)
+    stats = A.batch_statistics(probs, layout, object_masks=torch.arange(16).reshape(1, 4, 4) == 4)
     for name in ("cls_patch_entropy", "cls_patch_entropy_norm", "patch_patch_entropy", "cls_self"):
         torch.testing.assert_close(stats[name], torch.zeros(1, 2))
     torch.testing.assert_close(stats["cls_object_share"], torch.ones(1, 2))
     torch.testing.assert_close(stats["patch_self"], torch.full((1, 2), 1 / 16))
     self_only = torch.eye(17).expand(1, 2, 17, 17)  # [cls] keeps everything: no mass on patches at all
-    stats = A.batch_statistics(self_only, layout, object_mask=torch.ones(1, 4, 4, dtype=torch.bool))
+    stats = A.batch_statistics(self_only, layout, object_masks=torch.ones(1, 4, 4, dtype=torch.bool))
     assert all(torch.isfinite(v).all() for v in stats.values())
     torch.testing.assert_close(stats["cls_patch_entropy"], torch.zeros(1, 2))
 
@@ -216,9 +216,9 @@ def test_one_hot_attention_has_entropy_zero_and_no_nan():
        heads=st.integers(1, 3), log_temperature=st.floats(-3, 3), seed=st.integers(0, 2**16))
 def test_entropies_and_self_attention_stay_in_range(has_cls, registers, rows, cols, heads, log_temperature, seed):
     layout = layout_of(has_cls, registers, (rows, cols))
-    t = layout.num_prefix + layout.num_patches
+    t = layout.num_prefix_tokens + layout.num_patches
     logits = torch.randn(2, heads, t, t, generator=torch.Generator().manual_seed(seed)) * 10 ** log_temperature
-    stats = A.batch_statistics(logits.softmax(-1), layout, object_mask=torch.rand(2, rows, cols) < 0.5)
+    stats = A.batch_statistics(logits.softmax(-1), layout, object_masks=torch.rand(2, rows, cols) < 0.5)
     ln_n = math.log(layout.num_patches)
     for name, value in stats.items():
         assert torch.isfinite(value).all(), name
@@ -310,7 +310,7 @@ def test_error_for_object_masks_on_another_grid():
 
 def test_error_when_masks_are_asked_for_but_missing():
     with pytest.raises(SelaggError) as err:
-        A.attention_statistics(vit_with_cls(), [(torch.randn(2, 1, 16, 16), torch.zeros(2))], object_masks=True,
+        A.attention_statistics(vit_with_cls(), [(torch.randn(2, 1, 16, 16), torch.zeros(2))], use_object_masks=True,
                                progress=False)
     one_sentence(err)
 

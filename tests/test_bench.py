@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from selagg_utils import SelaggError, bench, bench_report, devices
+from selagg_utils.bench import MeasureOptions as M
 from selagg_utils.models import tiny_vit
 
 CPU = torch.device("cpu")
@@ -38,14 +39,14 @@ class RunsOutOfMemory(nn.Module):
 
 def test_measure_forward_gives_a_full_row(small_vit):
     images = bench.random_images(small_vit, 4, CPU)
-    first = bench.measure_forward("fp32 eager", small_vit, images, "fp32", name="tiny", warmup=1, repeats=3)
-    second = bench.measure_forward("bf16 autocast", small_vit, images, "bf16", name="tiny", warmup=1, repeats=3,
-                                   versus=first)
+    first = bench.measure_forward("fp32 eager", small_vit, images, M(model="tiny", warmup=1, repeats=3))
+    second = bench.measure_forward("bf16 autocast", small_vit, images,
+                                   M(model="tiny", precision="bf16", warmup=1, repeats=3, versus=first))
     assert first.ok and first.repeats == 3 and first.images_per_s > 0 and first.gflop_per_image > 0
     assert first.pct_of_peak is None  # no known peak on a CPU
     assert second.versus == "fp32 eager"
     assert second.speedup == pytest.approx(second.images_per_s / first.images_per_s)
-    row = bench.measure_forward("known peak", small_vit, images, "fp32", warmup=0, repeats=2, peak=1.0)
+    row = bench.measure_forward("known peak", small_vit, images, M(warmup=0, repeats=2, peak=1.0))
     assert row.pct_of_peak == pytest.approx(100 * row.tflops / 1.0)
 
 
@@ -62,7 +63,7 @@ def test_measure_counts_the_images_of_a_call_and_says_what_it_measured():
 
 def test_rows_print_as_a_table_and_survive_a_csv(tmp_path, small_vit):
     images = bench.random_images(small_vit, 2, CPU)
-    rows = [bench.measure_forward("fp32 eager", small_vit, images, warmup=0, repeats=2),
+    rows = [bench.measure_forward("fp32 eager", small_vit, images, M(warmup=0, repeats=2)),
             bench.failed_row("batch 4096", CPU, 4096, "out of memory")]
     table = bench_report.format_table(rows)
     assert "fp32 eager" in table and "out of memory" in table and "device:" in table
@@ -74,7 +75,7 @@ def test_rows_print_as_a_table_and_survive_a_csv(tmp_path, small_vit):
 
 def test_plot_rows_draws_one_bar_per_row(small_vit):
     images = bench.random_images(small_vit, 2, CPU)
-    rows = [bench.measure_forward("fp32 eager", small_vit, images, warmup=0, repeats=2),
+    rows = [bench.measure_forward("fp32 eager", small_vit, images, M(warmup=0, repeats=2)),
             bench.failed_row("skipped step", CPU, 2, "skipped: no compiler")]
     ax = bench_report.plot_rows(rows)
     try:
@@ -96,7 +97,7 @@ def test_bad_sizes_are_refused(small_vit):
                                    RuntimeError("CUDA error: out of memory")])
 def test_sweep_marks_out_of_memory_and_goes_on(error):
     model = RunsOutOfMemory(limit=4, error=error)
-    rows = bench.sweep_batch_sizes(model, [2, 8, 4], CPU, "fp32", warmup=0, repeats=2)
+    rows = bench.sweep_batch_sizes(model, [2, 8, 4], CPU, M(warmup=0, repeats=2))
     assert [r.status for r in rows] == ["ok", "out of memory", "ok"]
     assert rows[1].images_per_s is None and rows[1].batch_size == 8
 
@@ -104,7 +105,7 @@ def test_sweep_marks_out_of_memory_and_goes_on(error):
 def test_sweep_does_not_hide_other_errors():
     model = RunsOutOfMemory(limit=4, error=RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes"):
-        bench.sweep_batch_sizes(model, [8], CPU, "fp32", warmup=0, repeats=1)
+        bench.sweep_batch_sizes(model, [8], CPU, M(warmup=0, repeats=1))
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -114,7 +115,7 @@ def test_a_failing_compiler_skips_the_step_with_its_reason(small_vit):
         raise RuntimeError("backend 'inductor' is not available on this platform")
 
     images = bench.random_images(small_vit, 2, CPU)
-    row, compiled = bench.measure_compiled("bf16 compiled", small_vit, images, "bf16", compiler=broken)
+    row, compiled = bench.measure_compiled("bf16 compiled", small_vit, images, M(precision="bf16"), compiler=broken)
     assert compiled is None and not row.ok
     assert row.status.startswith("skipped: compilation failed (RuntimeError: backend 'inductor'")
 
@@ -124,7 +125,7 @@ def test_missing_cpp_compiler_skips_compilation(monkeypatch, small_vit):
     reason = bench.compile_unavailable(CPU)
     assert "C++ compiler" in reason
     images = bench.random_images(small_vit, 2, CPU)
-    row, compiled = bench.measure_compiled("compiled", small_vit, images, "fp32")
+    row, compiled = bench.measure_compiled("compiled", small_vit, images)
     assert compiled is None and row.status == f"skipped: {reason}"
 
 
@@ -133,7 +134,7 @@ def test_a_reason_to_skip_gives_a_skipped_row_without_compiling(small_vit):
         raise AssertionError("must not compile")
 
     images = bench.random_images(small_vit, 2, CPU)
-    row, compiled = bench.measure_compiled("compiled", small_vit, images, "fp32", compiler=refuse, skip="a rehearsal")
+    row, compiled = bench.measure_compiled("compiled", small_vit, images, compiler=refuse, skip="a rehearsal")
     assert compiled is None and row.status == "skipped: a rehearsal"
 
 
@@ -146,8 +147,8 @@ def test_missing_dynamo_support_skips_compilation(monkeypatch):
 
 def test_a_working_compiler_is_timed_apart(small_vit):
     images = bench.random_images(small_vit, 2, CPU)
-    row, compiled = bench.measure_compiled("compiled", small_vit, images, "fp32", compiler=lambda m: m,
-                                           warmup=0, repeats=2)
+    row, compiled = bench.measure_compiled("compiled", small_vit, images, M(warmup=0, repeats=2),
+                                           compiler=lambda m: m)
     assert row.ok and compiled is small_vit and row.note.startswith("compiled in")
 
 
@@ -155,7 +156,8 @@ def test_backbone_ladder_goes_on_when_compilation_fails(small_vit):
     def broken(model):
         raise RuntimeError("no compiler")
 
-    rows = bench.backbone_ladder(small_vit, CPU, 4, repeats=2, warmup=0, sweep=[2], compiler=broken)
+    rows = bench.backbone_ladder(small_vit, CPU, bench.LadderSizes(batch=4, repeats=2, warmup=0, sweep=(2,)),
+                                 compiler=broken)
     fast = bench.fastest_precision(rows)
     base = "fp32 eager" if fast == "fp32" else "bf16 autocast"
     assert [r.step for r in rows][:4] == ["fp32 eager", "bf16 autocast", f"{fast} explicit attention", f"{fast} compiled"]
@@ -226,7 +228,8 @@ def test_cuda_events_time_and_memory_is_measured(small_vit):
     gpu = devices.resolve_device("cuda")
     model = small_vit.to(gpu)
     images = bench.random_images(model, 8, gpu)
-    row = bench.measure_forward("bf16 autocast", model, images, devices.half_precision(gpu), warmup=1, repeats=3)
+    row = bench.measure_forward("bf16 autocast", model, images,
+                                M(precision=devices.half_precision(gpu), warmup=1, repeats=3))
     assert row.ok and row.median_ms > 0 and row.memory_kind == "cuda max allocated" and row.memory_mb > 0
     assert row.device == torch.cuda.get_device_name(gpu)
 
@@ -236,5 +239,5 @@ def test_a_real_out_of_memory_error_is_marked_on_the_gpu(small_vit):
     gpu = devices.resolve_device("cuda")
     free, _ = torch.cuda.mem_get_info(gpu)
     too_big = int(free // (32 * 32 * 4)) * 2  # images whose bytes alone are twice the free memory
-    rows = bench.sweep_batch_sizes(small_vit.to(gpu), [8, too_big], gpu, "fp32", warmup=0, repeats=1)
+    rows = bench.sweep_batch_sizes(small_vit.to(gpu), [8, too_big], gpu, M(warmup=0, repeats=1))
     assert [r.status for r in rows] == ["ok", "out of memory"]

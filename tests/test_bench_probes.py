@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from selagg_utils import SelaggError, bench_probes
+from selagg_utils.bench import MeasureOptions
 
 CPU = torch.device("cpu")
 
@@ -15,9 +16,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, small
 def test_probes_of_each_kind_give_logits(small_vit):
     tokens = torch.randn(3, 65, 128)
     for kind in bench_probes.PROBE_KINDS:
-        assert bench_probes.make_probe(kind, small_vit, 10)(tokens).shape == (3, 10)
-    with pytest.raises(SelaggError, match="Unknown probe"):
-        bench_probes.make_probe("transformer", small_vit, 10)
+        bank, _ = bench_probes.probe_bank(kind, small_vit, 10, [0.1, 0.01])
+        assert [probe(tokens).shape for probe in bench_probes.bank_members(bank)] == [(3, 10)] * 2
+    assert type(bench_probes.bank_members(bench_probes.probe_bank("linear", small_vit, 10, [0.1])[0])[0].pool)\
+        .__name__ == "ClsPool"
+    with pytest.raises(SelaggError, match="Unknown probe 'transformer'; choose one of linear"):
+        bench_probes.probe_kind_head("transformer")
 
 
 def test_bad_step_counts_are_refused(small_vit):
@@ -57,7 +61,7 @@ def test_one_pass_over_many_lrs_equals_separate_runs(small_vit):
 
 def test_probe_ladder_caches_and_compares(small_vit):
     data = bench_probes.probe_data(small_vit, 8, 2, CPU)
-    rows = bench_probes.probe_ladder(small_vit, data, "fp32", repeats=2, n_lrs=2)
+    rows = bench_probes.probe_ladder(small_vit, data, MeasureOptions(repeats=2), n_lrs=2)
     by_step = {r.step: r for r in rows}
     assert all(r.ok for r in rows)
     assert list(by_step) == ["cache tokens (once)", "online epoch, linear", "cached epoch, linear",

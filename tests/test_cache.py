@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selagg_utils import SelaggError
+from selagg_utils import SelaggError, cache_keys, token_store
 from selagg_utils import features as feat
 from selagg_utils.checkpoints import host_tag
 from selagg_utils.data import ClutteredDigits, load_dataset
@@ -84,31 +84,31 @@ def test_a_model_passed_in_is_keyed_by_its_own_weights(cache, data, model):
     by_name = feat.cached_tokens("tiny-random", data, progress=False)
     assert not torch.equal(under_random_name.tokens, by_name.tokens)
     assert feat.cached_tokens("tiny-random", data, model=model, progress=False).key["state_sha256"] == \
-        feat.state_digest(load_backbone("tiny-random"))
+        cache_keys.state_digest(load_backbone("tiny-random"))
 
 
 def test_random_and_pretrained_weights_of_one_timm_name_have_different_keys(monkeypatch, data):
     monkeypatch.setenv("SELAGG_SCALE", "full")
-    pretrained = feat.backbone_identity("vit_base_patch16_224.mae")
+    pretrained = cache_keys.backbone_identity("vit_base_patch16_224.mae")
     monkeypatch.setenv("SELAGG_PRETRAINED", "0")
-    random = feat.backbone_identity("vit_base_patch16_224.mae")
+    random = cache_keys.backbone_identity("vit_base_patch16_224.mae")
     assert pretrained["weights"] == "pretrained" and pretrained["tag"] == "mae"
     assert random["weights"] == "random" and random["seed"] == 0 and random != pretrained
-    assert feat.backbone_identity("random:vit_base_patch16_224.mae")["weights"] == "random"
+    assert cache_keys.backbone_identity("random:vit_base_patch16_224.mae")["weights"] == "random"
 
 
 def test_random_timm_weights_are_the_same_every_time():
     a = load_backbone("vit_tiny_patch16_224", pretrained=False)
     torch.rand(3)  # whatever the caller's random state
     b = load_backbone("vit_tiny_patch16_224", pretrained=False)
-    assert feat.state_digest(a) == feat.state_digest(b)
+    assert cache_keys.state_digest(a) == cache_keys.state_digest(b)
 
 
 # ----------------------------------------------------------------------------- integrity
 def test_a_changed_entry_is_extracted_again_with_one_line(cache, data, capsys):
     first = feat.cached_tokens("tiny-random", data, progress=False)
     expected = first.tokens.clone()  # loaded tokens map the file, and this test changes the file in place
-    path = feat.entry_path(first.key)
+    path = cache_keys.entry_path(first.key)
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0x40  # one bit of one token
     path.write_bytes(bytes(raw))
@@ -116,13 +116,13 @@ def test_a_changed_entry_is_extracted_again_with_one_line(cache, data, capsys):
     assert torch.equal(again.tokens, expected)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checksum does not match" in err
-    assert feat.read_entry(path)  # the rebuilt entry verifies
+    assert token_store.read_entry(path)  # the rebuilt entry verifies
 
 
 def test_a_truncated_entry_is_extracted_again(cache, data, capsys):
     first = feat.cached_tokens("tiny-random", data, progress=False)
     expected = first.tokens.clone()  # the mapped pages of a truncated file cannot be read any more
-    path = feat.entry_path(first.key)
+    path = cache_keys.entry_path(first.key)
     path.write_bytes(path.read_bytes()[:1000])
     again = feat.cached_tokens("tiny-random", data, progress=False)
     assert torch.equal(again.tokens, expected)
@@ -133,8 +133,8 @@ def test_an_intact_entry_of_another_request_is_refused_naming_the_file(cache, da
     other = load_dataset("cluttered-digits", "val", n_images=6, seed=0)
     a = feat.cached_tokens("tiny-random", data, progress=False)
     b = feat.cached_tokens("tiny-random", other, progress=False)
-    os.replace(feat.entry_path(b.key), feat.entry_path(a.key))
-    with pytest.raises(SelaggError, match=f"{feat.entry_path(a.key)} holds the tokens of another request"):
+    os.replace(cache_keys.entry_path(b.key), cache_keys.entry_path(a.key))
+    with pytest.raises(SelaggError, match=f"{cache_keys.entry_path(a.key)} holds the tokens of another request"):
         feat.cached_tokens("tiny-random", data, progress=False)
 
 
@@ -143,9 +143,8 @@ def genuine(tmp_path_factory, data, model):
     """One intact entry: its path, bytes and tokens."""
     folder = tmp_path_factory.mktemp("genuine")
     entry = feat.cached_tokens("tiny-random", data, directory=folder, model=model, progress=False)
-    path = feat.entry_path(entry.key, folder)
-    kept = feat.TokenSet(entry.tokens.clone(), entry.labels.clone(), entry.num_prefix_tokens, entry.has_cls,
-                         entry.grid_size, entry.key)  # in memory: the test rewrites the mapped file in place
+    path = cache_keys.entry_path(entry.key, folder)
+    kept = feat.TokenSet(entry.tokens.clone(), entry.labels.clone(), entry.layout, entry.key)  # in memory: the test rewrites the mapped file in place
     return path, path.read_bytes(), kept
 
 
@@ -277,24 +276,24 @@ def test_an_image_folder_is_keyed_by_its_files(tmp_path):
         (tmp_path / "val" / cls).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (32, 32), (40 * i, 100, 0)).save(tmp_path / "val" / cls / f"{i}.png")
-    before = feat.dataset_identity(image_folder(tmp_path, "test", image_size=32))
+    before = cache_keys.dataset_identity(image_folder(tmp_path, "test", image_size=32))
     Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "val" / "b" / "1.png")  # same name, new content
-    after = feat.dataset_identity(image_folder(tmp_path, "test", image_size=32))
+    after = cache_keys.dataset_identity(image_folder(tmp_path, "test", image_size=32))
     assert before["data"]["n_images"] == 4 and before["data"] != after["data"]
     assert "Resize" in before["transform"] or "resize" in before["transform"].lower()
 
 
 def test_large_entries_are_verified_once_and_again_after_any_change(cache, data, monkeypatch, capsys):
-    monkeypatch.setattr(feat, "VERIFY_EVERY_LOAD_BYTES", 0)  # every entry counts as large here
+    monkeypatch.setattr(token_store, "VERIFY_EVERY_LOAD_BYTES", 0)  # every entry counts as large here
     first = feat.cached_tokens("tiny-random", data, progress=False)
     expected = first.tokens.clone()  # the file is changed in place below, and loaded tokens map it
     checks = []
-    real = feat.file_checksum
-    monkeypatch.setattr(feat, "file_checksum", lambda *a: checks.append(1) or real(*a))
+    real = token_store.file_checksum
+    monkeypatch.setattr(token_store, "file_checksum", lambda *a: checks.append(1) or real(*a))
     feat.cached_tokens("tiny-random", data, progress=False)
     feat.cached_tokens("tiny-random", data, progress=False)
     assert len(checks) == 1  # verified on the first load only
-    path = feat.entry_path(first.key)
+    path = cache_keys.entry_path(first.key)
     raw = bytearray(path.read_bytes())
     raw[-7] ^= 0x01
     time.sleep(0.05)  # beyond the file system clock's granularity, so that the write gets a new mtime

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from selagg_utils import SelaggError, config
+from selagg_utils import SelaggError, cache_keys, extraction, token_store
 from selagg_utils import features as feat
 from selagg_utils.checks import tensors_digest
 from selagg_utils.data import cluttered_digits
-from selagg_utils.models import load_backbone, tiny_vit
+from selagg_utils.models import TokenLayout, load_backbone, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def in_memory_extraction(model, data, blocks, batch_size):
     per_block, labels = [[] for _ in blocks], []
     for start in range(0, len(data), batch_size):
         images = data.images[start:start + batch_size]
-        for store, tokens in zip(per_block, feat.tokens_after(model, images, blocks)):
+        for store, tokens in zip(per_block, extraction.tokens_after(model, images, blocks)):
             store.append(tokens.half())
         labels.append(data.labels[start:start + batch_size])
     return [torch.cat(s) for s in per_block], torch.cat(labels)
@@ -62,7 +62,7 @@ def tensor_offsets(path, name):
 
 
 def no_extraction(monkeypatch):
-    monkeypatch.setattr(feat, "token_batches", lambda *a, **k: pytest.fail("extracted although it should not"))
+    monkeypatch.setattr(extraction, "token_batches", lambda *a, **k: pytest.fail("extracted although it should not"))
 
 
 # ----------------------------------------------------------------------------- the streamed file
@@ -71,19 +71,19 @@ def test_streamed_entries_equal_the_in_memory_extraction_bit_for_bit(cache, data
     sets = feat.cached_blocks("tiny-mae", data, blocks, batch_size=10, progress=False)  # 7 batches, the last short
     expected, labels = in_memory_extraction(model, data, blocks, 10)
     for ts, tokens in zip(sets, expected):
-        state, meta = stored_tensors(feat.entry_path(ts.key))  # each block streamed to its own file
+        state, meta = stored_tensors(cache_keys.entry_path(ts.key))  # each block streamed to its own file
         assert set(state) == {"tokens", "labels"} and state["tokens"].dtype == torch.float16
         assert torch.equal(state["tokens"], tokens) and torch.equal(state["labels"], labels)
         assert torch.equal(ts.tokens, tokens) and torch.equal(ts.labels, data.labels)
         assert json.loads(meta["key"]) == json.loads(json.dumps(ts.key, default=str))
-        assert meta["checksum"] == feat.entry_checksum(state, meta)  # the same checksum computed in memory
+        assert meta["checksum"] == token_store.entry_checksum(state, meta)  # the same checksum computed in memory
     assert not torch.equal(expected[0], expected[1])
-    assert sorted(p.name for p in cache.iterdir()) == sorted(feat.entry_path(s.key).name for s in sets)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(cache_keys.entry_path(s.key).name for s in sets)
 
 
 def test_an_entry_is_a_valid_safetensors_file_with_aligned_tensors(cache, data):
     ts = feat.cached_tokens("tiny-mae", data, batch_size=16, progress=False)
-    path = feat.entry_path(ts.key)
+    path = cache_keys.entry_path(ts.key)
     loaded = load_file(str(path))  # safetensors' full validation of header, offsets and size
     assert torch.equal(loaded["tokens"], ts.tokens) and torch.equal(loaded["labels"], ts.labels)
     for name, dtype in (("labels", torch.int64), ("tokens", torch.float16)):
@@ -94,10 +94,9 @@ def test_an_entry_is_a_valid_safetensors_file_with_aligned_tensors(cache, data):
 
 def test_save_entry_writes_the_same_file_as_a_streamed_extraction(cache, data):
     ts = feat.cached_tokens("tiny-mae", data, batch_size=16, progress=False)
-    path = feat.entry_path(ts.key)
+    path = cache_keys.entry_path(ts.key)
     copy = cache / "copy.safetensors"
-    feat.save_entry(copy, feat.TokenSet(ts.tokens.clone(), ts.labels.clone(), ts.num_prefix_tokens, ts.has_cls,
-                                        ts.grid_size, ts.key))
+    feat.save_entry(copy, feat.TokenSet(ts.tokens.clone(), ts.labels.clone(), ts.layout, ts.key))
     assert copy.read_bytes() == path.read_bytes()
 
 
@@ -116,9 +115,9 @@ def mapped_files():
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps")
 def test_a_loaded_entry_maps_its_file_and_writes_stay_private(cache, data, monkeypatch):
     first = feat.cached_tokens("tiny-mae", data, progress=False)
-    monkeypatch.setattr(feat, "token_batches", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr(extraction, "token_batches", lambda *a, **k: pytest.fail("extracted again"))
     ts = feat.cached_tokens("tiny-mae", data, progress=False)
-    path = str(feat.entry_path(ts.key))
+    path = str(cache_keys.entry_path(ts.key))
     address = ts.tokens.data_ptr()
     assert any(lo <= address < hi and name == path for lo, hi, name in mapped_files())  # a map, not a copy
     assert torch.equal(ts.tokens, first.tokens)
@@ -136,7 +135,7 @@ def test_a_loaded_entry_maps_its_file_and_writes_stay_private(cache, data, monke
 def test_the_checksum_catches_one_flipped_byte(cache, data, where, capsys):
     ts = feat.cached_tokens("tiny-mae", data, progress=False)
     expected = ts.tokens.clone()
-    path = feat.entry_path(ts.key)
+    path = cache_keys.entry_path(ts.key)
     raw = bytearray(path.read_bytes())
     if where == "key":  # the stored key names the split: a changed letter that keeps the JSON valid
         offset = raw.index(b"cluttered-digits")
@@ -145,11 +144,11 @@ def test_the_checksum_catches_one_flipped_byte(cache, data, where, capsys):
         offset = (start + end) // 2 - (start + end) // 2 % 8
     raw[offset] ^= 0x01
     os.replace(bytes_to_file(path.with_suffix(".x"), raw), path)
-    with pytest.raises(feat.DamagedEntry, match="checksum does not match"):
-        feat.read_entry(path)
+    with pytest.raises(token_store.DamagedEntry, match="checksum does not match"):
+        token_store.read_entry(path)
     assert torch.equal(feat.cached_tokens("tiny-mae", data, progress=False).tokens, expected)
     assert "checksum does not match" in capsys.readouterr().err
-    assert feat.read_entry(path)  # extracted again, and verified
+    assert token_store.read_entry(path)  # extracted again, and verified
 
 
 def bytes_to_file(path, raw):
@@ -160,10 +159,10 @@ def bytes_to_file(path, raw):
 def test_an_entry_of_the_previous_format_is_extracted_again_not_misread(cache, data, capsys):
     ts = feat.cached_tokens("tiny-mae", data, progress=False)
     expected = ts.tokens.clone()
-    assert ts.key["format"] == feat.CACHE_FORMAT == 3
-    path = feat.entry_path(ts.key)
+    assert ts.key["format"] == cache_keys.CACHE_FORMAT == 3
+    path = cache_keys.entry_path(ts.key)
     state = {"tokens": (expected + 1).contiguous(), "labels": ts.labels.clone()}
-    meta = {"key": feat.key_text(ts.key), "num_prefix_tokens": "1", "has_cls": "1", "grid_size": "[8, 8]"}
+    meta = {"key": cache_keys.key_text(ts.key), "num_prefix_tokens": "1", "has_cls": "1", "grid_size": "[8, 8]"}
     meta["checksum"] = tensors_digest(state, json.dumps(meta, sort_keys=True))  # format 2's checksum
     save_file(state, str(path.with_suffix(".x")), metadata=meta)
     os.replace(path.with_suffix(".x"), path)
@@ -175,7 +174,7 @@ def test_an_entry_of_the_previous_format_is_extracted_again_not_misread(cache, d
 def test_mean_patches_in_chunks_equals_the_direct_mean(data, model, monkeypatch):
     with torch.no_grad():
         tokens = model.forward_features(data.images).half()
-    ts = feat.TokenSet(tokens, data.labels, 1, True, (8, 8))
+    ts = feat.TokenSet(tokens, data.labels, TokenLayout(True, 0, (8, 8)))
     direct = tokens[:, 1:].float().mean(1)
     monkeypatch.setattr(feat, "CHUNK_BYTES", 5 * 64 * 128 * 4)  # 5 images a chunk: 13 chunks, the last short
     assert feat.images_per_chunk(ts.patches) == 5
@@ -186,8 +185,9 @@ def test_mean_patches_never_converts_the_whole_split(tmp_path):
     code = """
     import resource, torch
     from selagg_utils.features import TokenSet
+    from selagg_utils.models import TokenLayout
     tokens = torch.ones(1, 65, 128, dtype=torch.float16).expand(20000, 65, 128)  # 0.66 GB as float32, 16 kB here
-    ts = TokenSet(tokens, torch.zeros(20000, dtype=torch.int64), 1, True, (8, 8))
+    ts = TokenSet(tokens, torch.zeros(20000, dtype=torch.int64), TokenLayout(True, 0, (8, 8)))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     mean = ts.mean_patches
     assert mean.shape == (20000, 128) and bool((mean == 1).all())
@@ -207,9 +207,9 @@ def test_pooled_features_equal_pooling_the_cached_tokens(cache, data, monkeypatc
     assert torch.equal(pooled.labels, data.labels) and pooled.key["pooled"] is True
     assert pooled.key != tokens.key and {k: v for k, v in pooled.key.items() if k not in ("pooled", "dtype")} == \
         {k: v for k, v in tokens.key.items() if k != "dtype"}
-    state, _ = stored_tensors(feat.entry_path(pooled.key))  # its own small entry, no tokens in it
+    state, _ = stored_tensors(cache_keys.entry_path(pooled.key))  # its own small entry, no tokens in it
     assert set(state) == {"cls", "mean", "labels"}
-    monkeypatch.setattr(feat, "token_batches", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr(extraction, "token_batches", lambda *a, **k: pytest.fail("extracted again"))
     again = feat.pooled_features("tiny-mae", data, progress=False)
     assert torch.equal(again.mean, pooled.mean) and torch.equal(again.cls, pooled.cls)
 
@@ -227,8 +227,8 @@ def test_pooled_features_of_a_model_with_registers_and_no_cls(cache, data):
 
 def test_pooling_keeps_no_tokens_of_earlier_batches(cache, data, monkeypatch):
     kept = []
-    real = feat.pooled_rows
-    monkeypatch.setattr(feat, "pooled_rows", lambda tokens, *a: kept.append(tokens.shape) or real(tokens, *a))
+    real = extraction.pooled_rows
+    monkeypatch.setattr(extraction, "pooled_rows", lambda tokens, *a: kept.append(tokens.shape) or real(tokens, *a))
     feat.pooled_features("tiny-mae", data, batch_size=16, progress=False)
     assert kept == [(16, 65, 128)] * 4  # one batch of tokens at a time, pooled as it comes
 
@@ -237,7 +237,7 @@ def test_pooling_keeps_no_tokens_of_earlier_batches(cache, data, monkeypatch):
 def test_too_little_disk_space_is_one_sentence_before_any_extraction(cache, data, monkeypatch):
     import shutil
 
-    needed, free = feat.token_entry_bytes(64, 65, 128), [feat.token_entry_bytes(64, 65, 128) - 1]
+    needed, free = cache_keys.token_entry_bytes(64, 65, 128), [cache_keys.token_entry_bytes(64, 65, 128) - 1]
     usage = shutil.disk_usage(Path("/"))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free[0]))
     no_extraction(monkeypatch)
@@ -245,10 +245,10 @@ def test_too_little_disk_space_is_one_sentence_before_any_extraction(cache, data
         feat.cached_tokens("tiny-mae", data, progress=False)
     sentence = str(err.value)
     assert sentence.count(". ") == 0 and sentence.endswith(".")
-    assert f"needs {feat.size_text(needed)}" in sentence and f"only {feat.size_text(needed - 1)} is free" in sentence
+    assert f"needs {cache_keys.size_text(needed)}" in sentence and f"only {cache_keys.size_text(needed - 1)} is free" in sentence
     assert "SELAGG_CACHE" in sentence and "SELAGG_MAX_IMAGES" in sentence and str(cache) in sentence
-    free[0] = feat.pooled_entry_bytes(64, 128, True) - 1
-    with pytest.raises(SelaggError, match=f"needs {feat.size_text(free[0] + 1)} "):
+    free[0] = cache_keys.pooled_entry_bytes(64, 128, True) - 1
+    with pytest.raises(SelaggError, match=f"needs {cache_keys.size_text(free[0] + 1)} "):
         feat.pooled_features("tiny-mae", data, progress=False)
     assert list(cache.glob("*.safetensors")) == []
 
@@ -257,16 +257,16 @@ def test_the_disk_space_estimate_covers_the_entry(cache, data, monkeypatch):
     import shutil
 
     usage = shutil.disk_usage(Path("/"))
-    needed = feat.token_entry_bytes(64, 65, 128) * 2
+    needed = cache_keys.token_entry_bytes(64, 65, 128) * 2
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed))  # just enough for two
     sets = feat.cached_blocks("tiny-mae", data, [3, None], progress=False)
-    sizes = [feat.entry_path(s.key).stat().st_size for s in sets]
+    sizes = [cache_keys.entry_path(s.key).stat().st_size for s in sets]
     assert all(64 * 65 * 128 * 2 < size <= needed / 2 for size in sizes)
 
 
 def test_loader_workers_and_their_check(cache, data, model):
-    assert feat.loader_workers(None, "cpu") == 0
-    assert feat.loader_workers(None, "cuda") == min(4, os.cpu_count() or 1)
+    assert extraction.loader_workers(None, "cpu") == 0
+    assert extraction.loader_workers(None, "cuda") == min(4, os.cpu_count() or 1)
     with pytest.raises(SelaggError, match="num_workers=-1"):
         feat.cached_tokens("tiny-mae", data, num_workers=-1, progress=False)
     ts = feat.cached_tokens("tiny-mae", data, batch_size=16, num_workers=1, progress=False)
@@ -275,11 +275,11 @@ def test_loader_workers_and_their_check(cache, data, model):
 
 def test_the_forward_precision_is_part_of_the_key(cache, data, monkeypatch):
     plain = feat.cached_tokens("tiny-mae", data, progress=False)
-    assert plain.key["compute"] == "float32" == feat.cache_key("tiny-mae", data, "last", True)["compute"]
-    monkeypatch.setattr(config, "half_dtype", lambda device: torch.bfloat16)  # a device with native bfloat16
-    assert feat.compute_precision("cpu") == "bfloat16 autocast"
+    assert plain.key["compute"] == "float32" == cache_keys.cache_key("tiny-mae", data, "last", True)["compute"]
+    monkeypatch.setattr(extraction, "half_dtype", lambda device: torch.bfloat16)  # a device with native bfloat16
+    assert extraction.compute_precision("cpu") == "bfloat16 autocast"
     half = feat.cached_tokens("tiny-mae", data, progress=False)  # the forward pass runs under autocast
-    assert half.key["compute"] == "bfloat16 autocast" and feat.entry_path(half.key) != feat.entry_path(plain.key)
+    assert half.key["compute"] == "bfloat16 autocast" and cache_keys.entry_path(half.key) != cache_keys.entry_path(plain.key)
     assert not torch.equal(half.tokens, plain.tokens)
     assert (half.tokens.float() - plain.tokens.float()).abs().mean() < 0.05  # bfloat16 arithmetic, same model
     assert len(list(cache.glob("*.safetensors"))) == 2
@@ -290,6 +290,7 @@ CHILD = """
 import os, sys, time
 from pathlib import Path
 import torch
+from selagg_utils import cache_keys, extraction, token_store
 from selagg_utils import features as feat
 blob = torch.load(os.environ["DATA"])
 data = torch.utils.data.TensorDataset(blob["images"], blob["labels"])
@@ -299,14 +300,14 @@ def signal_and_wait(name):
 """
 
 STALL_MID_STREAM = """
-feat.UNNAMED_TEMPORARIES = False  # a file system without unnamed files: the entry grows under a temporary name
-real, calls = feat.tokens_after, []
+token_store.UNNAMED_TEMPORARIES = False  # a file system without unnamed files: the entry grows under a temporary name
+real, calls = extraction.tokens_after, []
 def stalls_on_third_batch(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3:
         signal_and_wait("streaming")
     return real(*args, **kwargs)
-feat.tokens_after = stalls_on_third_batch
+extraction.tokens_after = stalls_on_third_batch
 feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
 """
 
@@ -370,10 +371,10 @@ def test_kill_while_writing_leaves_an_orphan_the_next_run_removes(killed_while_w
         assert b'"checksum":"' + b"0" * 64 + b'"' in orphans[0].read_bytes()[:start]
     else:  # complete, under its final checksum
         assert orphans[0].stat().st_size == end and b"0" * 64 not in orphans[0].read_bytes()[:start]
-    monkeypatch.setenv(feat.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
     got = feat.cached_tokens("tiny-random", dataset, progress=False)
     assert torch.equal(got.tokens, expected) and not orphans[0].exists()
-    assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]
+    assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]
     assert capsys.readouterr().err == ""
 
 
@@ -381,9 +382,9 @@ def test_entries_are_written_and_read_where_the_os_has_no_pread(tmp_path, monkey
     """Windows has no os.pread/os.pwrite: the seek-and-read fallback must write and read the same entry."""
     import os
 
-    from selagg_utils import data, features
+    from selagg_utils import digits, features
 
-    ds = data.cluttered_digits("val", n_images=40)
+    ds = digits.cluttered_digits("val", n_images=40)
     with_p = features.cached_tokens("tiny-random", ds, batch_size=16, directory=tmp_path / "a", progress=False)
     monkeypatch.delattr(os, "pread")
     monkeypatch.delattr(os, "pwrite")

@@ -11,10 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from selagg_utils import SelaggError, data, network
-from selagg_utils.data import (DATASETS, REGISTRY, available_datasets, class_quotas, cluttered_digits,
-                               displayable, example_indices, image_folder, imagenette, labels_of, load_dataset,
-                               model_data_config, normalization, stratified_positions, stratified_subset)
+from selagg_utils import SelaggError, data, network, transforms
+from selagg_utils import imagenette as imagenette_files
+from selagg_utils.data import DATASETS, REGISTRY, available_datasets, load_dataset
+from selagg_utils.digits import cluttered_digits
+from selagg_utils.imagenette import image_folder, imagenette
+from selagg_utils.subsets import class_quotas, example_indices, labels_of, stratified_positions, stratified_subset
+from selagg_utils.transforms import displayable, model_data_config, normalization
 from selagg_utils.rehearsal import fake_imagenette
 
 
@@ -66,13 +69,13 @@ def test_a_model_built_at_another_size_gets_its_own_input_size():
     assert resolve_model_data_config(model)["input_size"] == (3, 518, 518)
     config = model_data_config(model)
     assert config["input_size"] == (3, 56, 56) and config["interpolation"] == "bicubic"
-    assert data.eval_transform(config)(Image.new("RGB", (80, 60))).shape == (3, 56, 56)
+    assert transforms.eval_transform(config)(Image.new("RGB", (80, 60))).shape == (3, 56, 56)
 
 
 @pytest.mark.parametrize("config, words", [
     ({"input_size": (3, 32, 32)}, "lacks interpolation, mean, std, crop_pct"),
-    ({**data.default_data_config(32), "hflip": 0.5}, "unknown keys hflip"),
-    ({**data.default_data_config(32), "input_size": 32}, "channels, height, width"),
+    ({**transforms.default_data_config(32), "hflip": 0.5}, "unknown keys hflip"),
+    ({**transforms.default_data_config(32), "input_size": 32}, "channels, height, width"),
     ((3, 32, 32), "must be a dict"),
 ])
 def test_a_bad_data_config_is_refused(folder, config, words):
@@ -305,7 +308,7 @@ def server(archive_bytes, monkeypatch):
             pass
 
     monkeypatch.setattr(tv_utils, "download_url", download_url)
-    monkeypatch.setattr(data, "IMAGENETTE_MD5", hashlib.md5(archive_bytes).hexdigest())
+    monkeypatch.setattr(imagenette_files, "IMAGENETTE_MD5", hashlib.md5(archive_bytes).hexdigest())
     monkeypatch.setattr(network, "reachable", lambda *a, **k: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("SELAGG_OFFLINE", raising=False)
@@ -389,7 +392,7 @@ def test_imagenette_says_what_to_do_when_it_cannot_get_it(tmp_path, server, monk
 
 def test_an_unreachable_host_is_found_within_seconds(tmp_path, monkeypatch):
     """A real failed name lookup (the .invalid domain never resolves), not a patched answer."""
-    monkeypatch.setattr(data, "IMAGENETTE_URL", "https://imagenette.invalid/imagenette2-160.tgz")
+    monkeypatch.setattr(imagenette_files, "IMAGENETTE_URL", "https://imagenette.invalid/imagenette2-160.tgz")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("SELAGG_OFFLINE", raising=False)
     start = time.monotonic()
@@ -434,9 +437,9 @@ def test_load_split_reads_a_scales_sizes(folder):
     assert len(train) == 300 and len(test) == 120
     assert torch.equal(train.images, load_dataset("cluttered-digits", "train", n_images=300).images)
     with pytest.raises(SelaggError, match="takes no data_config"):
-        data.load_split(tiny, "test", data.default_data_config(32))
+        data.load_split(tiny, "test", transforms.default_data_config(32))
     full = ScaleSettings("full", "m", "j", "r", f"imagefolder:{folder}", 8, 9, 8)
-    config = {**data.default_data_config(24), "mean": (0.5, 0.5, 0.5)}
+    config = {**transforms.default_data_config(24), "mean": (0.5, 0.5, 0.5)}
     capped = data.load_split(full, "test", config)
     assert len(capped) == 8 and np.bincount(labels_of(capped)).tolist() == [4, 2, 2]
     assert normalization(capped)[0] == (0.5, 0.5, 0.5) and capped[0][0].shape == (3, 24, 24)

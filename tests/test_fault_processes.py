@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from selagg_utils import cache_keys
 from selagg_utils import features as feat
 from selagg_utils.data import load_dataset
 from selagg_utils.models import load_backbone
@@ -23,6 +24,7 @@ PREAMBLE = """
 import os, sys, time, hashlib
 from pathlib import Path
 import torch
+from selagg_utils import extraction
 from selagg_utils import features as feat
 blob = torch.load(os.environ["DATA"])  # the parent's images: no dataset to render in every child
 data = torch.utils.data.TensorDataset(blob["images"], blob["labels"])
@@ -32,14 +34,14 @@ def signal_and_wait(name):
 """
 
 STALL_IN_EXTRACTION = """
-real = feat.tokens_after
+real = extraction.tokens_after
 calls = []
 def stalls_on_second_batch(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
         signal_and_wait("extracting")
     return real(*args, **kwargs)
-feat.tokens_after = stalls_on_second_batch
+extraction.tokens_after = stalls_on_second_batch
 feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
 """
 
@@ -54,7 +56,7 @@ feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
 """
 
 WRITER = """
-real_extract, extractions = feat.extract_blocks, []
+real_extract, extractions = extraction.extract_blocks, []
 def counted(*args, **kwargs):
     extractions.append(1)
     return real_extract(*args, **kwargs)
@@ -68,13 +70,14 @@ print(hashlib.sha256(tokens.tokens.numpy().tobytes()).hexdigest(), len(extractio
 
 PROBE = """
 from selagg_utils.features import TokenSet
+from selagg_utils.models import TokenLayout
 from selagg_utils.probing import ProbeRecipe, train_probes
 g = torch.Generator().manual_seed(0)
 labels = torch.arange(96) % 3
 x = torch.randn(96, 10, 16, generator=g)
 x[torch.arange(96), 1 + labels * 3, :3] += 3 * torch.nn.functional.one_hot(labels, 3)
-train = TokenSet(x[:64].half(), labels[:64], 1, True, (3, 3))
-val = TokenSet(x[64:].half(), labels[64:], 1, True, (3, 3))
+train = TokenSet(x[:64].half(), labels[:64], TokenLayout(True, 0, (3, 3)))
+val = TokenSet(x[64:].half(), labels[64:], TokenLayout(True, 0, (3, 3)))
 recipe = ProbeRecipe(epochs=3, warmup_epochs=1, batch_size=16, optimizer="adamw", lrs=(0.01, 0.1))
 digest = hashlib.sha256()
 for head in ("abmilp", "mean"):
@@ -143,11 +146,11 @@ def test_kill_in_the_middle_of_extraction_leaves_nothing_and_the_next_run_is_rig
     caches, _ = killed
     cache = caches["extracting"]
     assert [p.suffix for p in cache.iterdir()] == [".lock"]  # the dead process's lock; no temporary file
-    monkeypatch.setenv(feat.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
     data, tokens, _ = expected
     got = feat.cached_tokens("tiny-random", data, progress=False)  # the kernel released the lock
     assert torch.equal(got.tokens, tokens)
-    assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]
+    assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]
 
 
 def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(killed, expected, monkeypatch,
@@ -158,11 +161,11 @@ def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(k
     assert len(orphans) == 1 and f"-{pids['writing']}." in orphans[0].name and orphans[0].stat().st_size > 0
     assert list(cache.glob("*.safetensors")) == []  # nothing a run could load
     assert len(list(cache.glob(".*.lock"))) == 1
-    monkeypatch.setenv(feat.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
     data, tokens, _ = expected
     got = feat.cached_tokens("tiny-random", data, progress=False)
     assert torch.equal(got.tokens, tokens) and not orphans[0].exists()
-    assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]
+    assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]
     assert torch.equal(feat.cached_tokens("tiny-random", data, progress=False).tokens, tokens)
     assert capsys.readouterr().err == ""
 
@@ -192,11 +195,11 @@ def test_three_processes_filling_one_entry_at_once(three_writers, expected, monk
     data, tokens, _ = expected
     assert len({out[0] for out in outputs}) == 1  # every writer got the same tokens
     assert sorted(int(out[1]) for out in outputs) == [0, 0, 1]  # one extracted, two waited and loaded
-    monkeypatch.setenv(feat.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
     monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("the entry was not usable"))
     got = feat.cached_tokens("tiny-random", data, progress=False)
     assert torch.equal(got.tokens, tokens)
-    assert [p.name for p in cache.iterdir()] == [feat.entry_path(got.key).name]  # no temporary file left
+    assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]  # no temporary file left
 
 
 def test_the_same_seed_gives_bit_identical_probes_in_fresh_processes(three_writers):

@@ -6,12 +6,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from selagg_utils import SelaggError
-from selagg_utils.aggregation import make_head
+from selagg_utils.aggregation import MeanPool, make_head
 from selagg_utils.attention import attention_statistics
 from selagg_utils.checkpoints import load_checkpoint, save_checkpoint
 from selagg_utils.features import TokenSet
 from selagg_utils.linear_eval import knn_accuracy, logistic_probe_accuracy, ridge_accuracy
-from selagg_utils.models import TINY_CONFIG, load_backbone, model_from_checkpoint, tiny_vit
+from selagg_utils.models import TINY_CONFIG, TokenLayout, load_backbone, model_from_checkpoint, tiny_vit
 from selagg_utils.probing import ProbeRecipe, low_shot_indices, train_probe, train_probes
 
 
@@ -21,7 +21,7 @@ def toy(n: int, seed: int) -> TokenSet:
     labels = torch.arange(n) % 3
     x = torch.randn(n, 5, 8, generator=g)
     x[:, :, :3] += 4 * torch.nn.functional.one_hot(labels, 3)[:, None]
-    return TokenSet(x.half(), labels, 1, True, (2, 2))
+    return TokenSet(x.half(), labels, TokenLayout(True, 0, (2, 2)))
 
 
 QUICK = dict(epochs=2, warmup_epochs=0, batch_size=16)
@@ -59,7 +59,7 @@ def test_splits_too_small_or_of_another_backbone_are_refused():
         train_probe("cls", toy(1, 0), toy(16, 1), recipe=recipe)
     with pytest.raises(SelaggError, match="val split holds 0 image"):
         train_probe("cls", toy(32, 0), toy(16, 1).subset(torch.tensor([], dtype=torch.long)), recipe=recipe)
-    wide = TokenSet(torch.zeros(8, 5, 16).half(), torch.arange(8) % 3, 1, True, (2, 2))
+    wide = TokenSet(torch.zeros(8, 5, 16).half(), torch.arange(8) % 3, TokenLayout(True, 0, (2, 2)))
     with pytest.raises(SelaggError, match="test split's tokens"):
         train_probe("cls", toy(32, 0), toy(16, 1), wide, recipe=recipe)
 
@@ -130,11 +130,15 @@ def test_heads_refuse_options_they_would_drop_or_fail_on():
 
 def test_a_negative_prefix_count_is_refused():
     with pytest.raises(SelaggError, match="num_prefix_tokens=-1"):
-        make_head("mean", 8, num_prefix_tokens=-1, has_cls=False)
+        MeanPool(8, num_prefix_tokens=-1, has_cls=False)
+    with pytest.raises(SelaggError, match="num_registers=-1"):
+        make_head("mean", 8, TokenLayout(False, -1, (2, 2)))
+    with pytest.raises(SelaggError, match="takes no option 'num_prefix_tokens'"):
+        make_head("mean", 8, num_prefix_tokens=2)
 
 
 def test_position_codes_of_another_grid_are_refused():
-    head = make_head("abmilp-pos", 8, grid_size=(3, 3))
+    head = make_head("abmilp-pos", 8, TokenLayout(True, 0, (3, 3)))
     with pytest.raises(SelaggError, match="Got 4 patch tokens but the head's position codes cover a grid of 9"):
         head(torch.randn(2, 5, 8))
     with pytest.raises(SelaggError, match="grid_size=None"):
@@ -172,12 +176,14 @@ def test_a_manifest_whose_model_config_is_wrong_is_refused(checkpoint, config):
         model_from_checkpoint(checkpoint)
 
 
-@pytest.mark.parametrize("prefix, grid, words", [(-1, (2, 2), "num_prefix_tokens=-1"),
-                                                 (0, (2, 2), "num_prefix_tokens=0"),
-                                                 (1, (3, 3), "does not hold the 4 patch tokens")])
-def test_a_token_set_whose_layout_disagrees_with_its_tokens_is_refused(prefix, grid, words):
+@pytest.mark.parametrize("registers, grid, words", [(-1, (2, 2), "num_registers=-1"),
+                                                    (0, (2, 0), "positive whole numbers"),
+                                                    (0, (3, 3), "does not hold the 4 patch tokens")])
+def test_a_token_set_whose_layout_disagrees_with_its_tokens_is_refused(registers, grid, words):
     with pytest.raises(SelaggError, match=words):
-        TokenSet(torch.zeros(4, 5, 8), torch.zeros(4, dtype=torch.long), prefix, True, grid)
+        TokenSet(torch.zeros(4, 5, 8), torch.zeros(4, dtype=torch.long), TokenLayout(True, registers, grid))
+    with pytest.raises(SelaggError, match="layout is a models.TokenLayout"):
+        TokenSet(torch.zeros(4, 5, 8), torch.zeros(4, dtype=torch.long), 1)
 
 
 def test_a_nan_image_is_named_by_attention_maps(tiny):

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from selagg_utils import SelaggError
+from selagg_utils import SelaggError, cache_keys, extraction, token_store
 from selagg_utils import features as feat
 from selagg_utils.data import load_dataset
 from selagg_utils.models import load_backbone
@@ -12,7 +12,7 @@ from selagg_utils.models import load_backbone
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(feat.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache_keys.CACHE_ENV, str(tmp_path))
     return tmp_path
 
 
@@ -23,7 +23,7 @@ def data():
 
 def test_extract_tokens_keeps_its_contract(data):
     model = load_backbone("tiny-random")
-    tokens, labels = feat.extract_tokens(model, data, batch_size=10, progress=False)
+    tokens, labels = extraction.extract_tokens(model, data, batch_size=10, progress=False)
     assert tokens.shape == (24, 65, 128) and tokens.dtype == torch.float32
     assert torch.equal(labels, data.labels)
 
@@ -48,25 +48,25 @@ def test_last_block_equals_forward_features(cache, data):
 
 def test_several_blocks_in_one_pass_and_distinct_keys(cache, data):
     sets = feat.cached_blocks("tiny-random", data, [2, 6, None], progress=False)
-    assert len({feat.key_digest(s.key) for s in sets}) == 3
+    assert len({cache_keys.key_digest(s.key) for s in sets}) == 3
     assert torch.equal(sets[1].tokens, sets[2].tokens)  # block 6 with the final norm is the last block
     assert not torch.equal(sets[0].tokens, sets[1].tokens)
 
 
 def test_key_depends_on_split_size_and_block(data):
     other = load_dataset("cluttered-digits", "val", n_images=25, seed=0)
-    k = feat.cache_key("tiny-random", data, "last", True)
-    assert k != feat.cache_key("tiny-random", other, "last", True)
-    assert k != feat.cache_key("tiny-random", data, 3, True)
+    k = cache_keys.cache_key("tiny-random", data, "last", True)
+    assert k != cache_keys.cache_key("tiny-random", other, "last", True)
+    assert k != cache_keys.cache_key("tiny-random", data, 3, True)
     assert len(k["sha256"]) == 64
 
 
 @pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed-temporary", "named-temporary"])
 def test_interrupted_extraction_leaves_nothing_loadable(cache, data, monkeypatch, unnamed):
-    if unnamed and not feat.UNNAMED_TEMPORARIES:
+    if unnamed and not token_store.UNNAMED_TEMPORARIES:
         pytest.skip("this system has no unnamed temporary files (O_TMPFILE)")
-    monkeypatch.setattr(feat, "UNNAMED_TEMPORARIES", unnamed)
-    real, calls = feat.tokens_after, []
+    monkeypatch.setattr(token_store, "UNNAMED_TEMPORARIES", unnamed)
+    real, calls = extraction.tokens_after, []
 
     def interrupted_on_third_batch(*args, **kwargs):  # Ctrl-C after two batches went into the entry file
         calls.append(1)
@@ -74,11 +74,11 @@ def test_interrupted_extraction_leaves_nothing_loadable(cache, data, monkeypatch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(feat, "tokens_after", interrupted_on_third_batch)
+    monkeypatch.setattr(extraction, "tokens_after", interrupted_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         feat.cached_tokens("tiny-random", data, batch_size=8, progress=False)
     assert len(calls) == 3 and os.listdir(cache) == []  # no entry, no temporary file, no lock
-    monkeypatch.setattr(feat, "tokens_after", real)
+    monkeypatch.setattr(extraction, "tokens_after", real)
     with torch.no_grad():
         expected = load_backbone("tiny-random").forward_features(data.images).half()
     assert torch.equal(feat.cached_tokens("tiny-random", data, batch_size=8, progress=False).tokens, expected)
@@ -88,7 +88,7 @@ def test_entry_with_another_key_is_refused(cache, data):
     other = load_dataset("cluttered-digits", "val", n_images=12, seed=0)
     a = feat.cached_tokens("tiny-random", data, progress=False)
     b = feat.cached_tokens("tiny-random", other, progress=False)
-    os.replace(feat.entry_path(b.key), feat.entry_path(a.key))  # a stale or renamed file
+    os.replace(cache_keys.entry_path(b.key), cache_keys.entry_path(a.key))  # a stale or renamed file
     with pytest.raises(SelaggError, match="another request"):
         feat.cached_tokens("tiny-random", data, progress=False)
 

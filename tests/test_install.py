@@ -12,12 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = """
 import sys, pathlib, torch, selagg_utils
-from selagg_utils import data, features, linear_eval, models
+from selagg_utils import data, extraction, features, linear_eval, models
 assert pathlib.Path(selagg_utils.__file__).is_relative_to(sys.prefix), selagg_utils.__file__
 model = models.load_backbone("tiny-mae")
 train = data.load_dataset("cluttered-digits", "train", n_images=300)
 test = data.load_dataset("cluttered-digits", "test", n_images=200)
-(tr, ytr), (te, yte) = (features.extract_tokens(model, s, batch_size=100, progress=False) for s in (train, test))
+(tr, ytr), (te, yte) = (extraction.extract_tokens(model, s, batch_size=100, progress=False) for s in (train, test))
 print(torch.__version__, torch.__file__)
 print(float(linear_eval.ridge_accuracy(tr[:, 0], ytr, te[:, 0], yte)))
 """

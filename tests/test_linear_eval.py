@@ -5,6 +5,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from selagg_utils.features import TokenSet
+from selagg_utils.models import TokenLayout
 from selagg_utils.linear_eval import knn_accuracy, logistic_probe_accuracy, position_accuracy, ridge_accuracy
 
 
@@ -67,7 +68,7 @@ def test_position_probes_in_small_chunks_equal_one_large_chunk():
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(60, 1 + 16, 8, generator=g).half()
     labels = torch.arange(60) % 3
-    train, test = TokenSet(tokens[:40], labels[:40], 1, True, (4, 4)), TokenSet(tokens[40:], labels[40:], 1, True, (4, 4))
+    train, test = TokenSet(tokens[:40], labels[:40], TokenLayout(True, 0, (4, 4))), TokenSet(tokens[40:], labels[40:], TokenLayout(True, 0, (4, 4)))
     assert torch.equal(position_accuracy(train, test, chunk=1), position_accuracy(train, test, chunk=16))
     assert position_accuracy(train, test).shape == (4, 4)
 

@@ -114,12 +114,12 @@ def test_a_local_weights_file_for_a_timm_name(tmp_path):
 
 
 def test_backbones_with_registers_or_without_cls_run_at_224_px():
-    from selagg_utils.models import has_cls_token, num_prefix_tokens, patch_grid
+    from selagg_utils.models import TokenLayout, token_layout
 
-    dinov2 = load_backbone("random:vit_small_patch14_reg4_dinov2.lvd142m")
-    assert patch_grid(dinov2) == (16, 16) and num_prefix_tokens(dinov2) == 5 and has_cls_token(dinov2)
-    no_cls = load_backbone("random:vit_small_patch16_224", class_token=False, global_pool="avg")
-    assert num_prefix_tokens(no_cls) == 0 and not has_cls_token(no_cls)
+    dinov2 = token_layout(load_backbone("random:vit_small_patch14_reg4_dinov2.lvd142m"))
+    assert dinov2 == TokenLayout(True, 4, (16, 16)) and dinov2.num_prefix_tokens == 5 and dinov2.num_tokens == 261
+    no_cls = token_layout(load_backbone("random:vit_small_patch16_224", class_token=False, global_pool="avg"))
+    assert no_cls.num_prefix_tokens == 0 and not no_cls.has_cls and no_cls.prefix_names == ()
 
 
 def test_image_cap_and_half_precision_settings(monkeypatch):

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from selagg_utils.data import DigitStream
+from selagg_utils.digits import DigitStream
 from selagg_utils.models import tiny_vit
 from selagg_utils.pretrain import (ContrastiveJEA, MaskedAutoencoder, info_nce, mean_fill_baseline, patchify,
-                                   random_masking, random_views, train_steps, unpatchify)
+                                   TrainOptions, random_masking, random_views, train_steps,
+                                   unpatchify)
 
 
 def test_patchify_round_trip_and_order():
@@ -17,16 +18,16 @@ def test_patchify_round_trip_and_order():
 
 
 def test_random_masking_hides_the_ratio():
-    keep, mask = random_masking(3, 64, 0.75, generator=torch.Generator().manual_seed(0))
-    assert keep.shape == (3, 16) and mask.sum(1).tolist() == [48.0] * 3
-    assert (mask.gather(1, keep) == 0).all()
+    keep, hidden = random_masking(3, 64, 0.75, generator=torch.Generator().manual_seed(0))
+    assert keep.shape == (3, 16) and hidden.sum(1).tolist() == [48.0] * 3
+    assert (hidden.gather(1, keep) == 0).all()
 
 
 def test_mean_fill_baseline_keeps_visible_patches():
     x = torch.rand(2, 1, 8, 8)
-    _, mask = random_masking(2, 4, 0.5)
-    filled = mean_fill_baseline(x, mask, 4)
-    assert torch.equal(patchify(filled, 4)[mask == 0], patchify(x, 4)[mask == 0])
+    _, hidden = random_masking(2, 4, 0.5)
+    filled = mean_fill_baseline(x, hidden, 4)
+    assert torch.equal(patchify(filled, 4)[hidden == 0], patchify(x, 4)[hidden == 0])
 
 
 def test_info_nce_prefers_matching_pairs():
@@ -43,7 +44,7 @@ def test_views_keep_shape_and_differ():
 
 def _few_steps(model, steps=30):
     torch.manual_seed(0)
-    history = train_steps(model, DigitStream(32, seed=0), steps, lr=2e-3, warmup=3, progress=False)
+    history = train_steps(model, DigitStream(32, seed=0), steps, TrainOptions(lr=2e-3, warmup=3, progress=False))
     first = sum(r["loss"] for r in history[:5]) / 5
     last = sum(r["loss"] for r in history[-5:]) / 5
     return first, last

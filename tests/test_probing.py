@@ -7,7 +7,7 @@ from timm.optim import Lars
 
 from selagg_utils import SelaggError
 from selagg_utils.features import TokenSet
-from selagg_utils.models import tiny_vit
+from selagg_utils.models import TokenLayout, tiny_vit
 from selagg_utils.optim import SweepAdamW, SweepLars
 from selagg_utils.probing import (ProbeHead, ProbeRecipe, fmt, low_shot_accuracy, low_shot_indices, probe_head,
                                   train_probe, train_probes)
@@ -24,7 +24,7 @@ def toy(n, seed):
     where = torch.randint(1, 10, (n,), generator=g)
     x[torch.arange(n), where, :C] += 3 * torch.nn.functional.one_hot(labels, C).float()
     x[torch.arange(n), where, C] += 3.0  # a flag an attention head can find
-    return TokenSet(x.half(), labels, 1, True, (3, 3), {"toy": seed})
+    return TokenSet(x.half(), labels, TokenLayout(True, 0, (3, 3)), {"toy": seed})
 
 
 FAST = ProbeRecipe(epochs=30, warmup_epochs=3, batch_size=64, lrs=(0.1, 1.0, 10.0))

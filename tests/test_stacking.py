@@ -7,6 +7,7 @@ import torch
 from selagg_utils import SelaggError
 from selagg_utils.aggregation import make_head
 from selagg_utils.features import TokenSet
+from selagg_utils.models import TokenLayout
 from selagg_utils.probing import ProbeHead, probe_head
 from selagg_utils.stacking import ProbeStack, can_stack, softmax_pooled, stack_accuracy, training_source
 
@@ -20,7 +21,7 @@ def tokens(b=3, prefix=1, grid=(4, 4), seed=0):
 def distinct_copies(name: str, groups: int) -> tuple[ProbeStack, torch.Tensor]:
     """Six copies of a head with different parameters in `groups` groups, and a token batch per group."""
     extra = {"num_heads": 2} if name == "attentive" else {}
-    head = ProbeHead(make_head(name, D, grid_size=(4, 4), **extra), 5)
+    head = ProbeHead(make_head(name, D, TokenLayout(True, 0, (4, 4)), **extra), 5)
     stack = ProbeStack([copy.deepcopy(head) for _ in range(6)], groups=groups)
     with torch.no_grad():
         for k, h in enumerate(stack.heads):
@@ -95,7 +96,7 @@ def test_which_heads_are_stacked_in_one_call(name, stackable):
 
 
 def test_shared_pooled_features_train_like_separate_heads():
-    train = TokenSet(tokens(64).half(), torch.arange(64) % 3, 1, True, (4, 4))
+    train = TokenSet(tokens(64).half(), torch.arange(64) % 3, TokenLayout(True, 0, (4, 4)))
     heads = [probe_head("cls", train, 3, seed) for seed in (0, 1, 2, 3)]
     with torch.no_grad():
         heads[1].bn.running_mean.add_(0.5)  # copies need not share their running statistics
@@ -111,7 +112,7 @@ def test_shared_pooled_features_train_like_separate_heads():
 
 
 def test_a_stack_reads_pooled_features_only_when_asked_and_only_for_heads_that_learn_nothing():
-    train = TokenSet(tokens(16).half(), torch.arange(16) % 3, 1, True, (4, 4))
+    train = TokenSet(tokens(16).half(), torch.arange(16) % 3, TokenLayout(True, 0, (4, 4)))
     cls = ProbeStack.copies(probe_head("cls", train, 3), 2)
     assert not cls.prepooled and not cls.learns_pooling
     batches = training_source(cls, train, "cpu")

@@ -1,0 +1,212 @@
+"""What identifies a cache entry, and where it lives.
+
+The key holds everything that determines the tokens: the weights actually used (a checkpoint's
+sha256, a timm name with its pretrained tag, random weights with their seed, or the digest of a
+model passed in), the dataset's content (its recipe and split and a digest of its tensors, a digest
+of its files or items, or a key the caller gives), the transform, the block, the dtype and the
+precision of the forward pass. The file name is a digest of the key; the format is part of the key,
+so entries of an older format have other names and are never read. The folder is checked for being
+a writable folder with room for the entries before any extraction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import Dataset
+
+from .checkpoints import temporary_prefix
+from .checks import tensors_digest, update_digest
+from .errors import SelaggError
+from .extraction import compute_precision
+from .models import resolve_backbone, token_layout
+
+__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_dir", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
+           "token_shape", "size_text", "check_disk_space", "state_digest", "backbone_identity", "content_identity",
+           "dataset_identity", "transform_identity", "entry_key", "pooled_key", "cache_key", "key_digest",
+           "key_text", "entry_path"]
+
+CACHE_ENV = "SELAGG_CACHE"
+CACHE_FORMAT = 3
+#: What the header and alignment of an entry may take beyond its tensors, in the disk-space check.
+HEADER_ALLOWANCE = 1 << 20
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The feature cache folder: the argument, else $SELAGG_CACHE, else ~/.cache/selagg/features."""
+    return Path(path or os.environ.get(CACHE_ENV) or "~/.cache/selagg/features").expanduser()
+
+
+def writable_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The cache folder, created if needed and checked to accept a new file, else a SelaggError (before any work)."""
+    folder = cache_dir(path)
+    if folder.exists() and not folder.is_dir():
+        raise SelaggError(f"The feature cache location {folder} is a file, not a folder; move that file away or "
+                          f"point {CACHE_ENV} (or directory=) to a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(folder / "write-check"), suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise SelaggError(f"The feature cache folder {folder} cannot be written ({err.strerror or err}); point "
+                          f"{CACHE_ENV} (or directory=) to a folder you can write, e.g. one under /tmp.") from None
+    return folder
+
+
+def token_entry_bytes(n_images: int, n_tokens: int, width: int) -> int:
+    """Bytes on disk of one block's entry: float16 tokens, int64 labels and room for the header."""
+    return n_images * n_tokens * width * 2 + n_images * 8 + HEADER_ALLOWANCE
+
+
+def pooled_entry_bytes(n_images: int, width: int, has_cls: bool) -> int:
+    """Bytes on disk of a pooled entry: float32 mean (and [cls]), int64 labels and room for the header."""
+    return n_images * width * 4 * (1 + int(has_cls)) + n_images * 8 + HEADER_ALLOWANCE
+
+
+def token_shape(model: VisionTransformer) -> tuple[int, int]:
+    """(tokens per image, width) of a timm ViT's output: patches plus prefix tokens, and embed_dim."""
+    return token_layout(model).num_tokens, int(model.embed_dim)
+
+
+def size_text(n_bytes: int) -> str:
+    """A byte count for a reader: '2.9 GB', '310 MB', '12 kB'."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def check_disk_space(folder: Path, needed: int) -> None:
+    """Raise a SelaggError (before any extraction) when the cache folder's disk has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise SelaggError(f"Extracting these tokens needs {size_text(needed)} in the feature cache {folder}, but "
+                          f"only {size_text(free)} is free there; point {CACHE_ENV} (or directory=) to a disk with "
+                          "more room, or set SELAGG_MAX_IMAGES to fewer images per split.")
+
+
+# ----------------------------------------------------------------------------- what identifies an entry
+def state_digest(model: torch.nn.Module) -> str:
+    """Hex sha256 of a model's weights and buffers (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        update_digest(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def backbone_identity(name: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
+    """What identifies the weights that make the tokens: a model passed in by the digest of its weights,
+    otherwise what `models.resolve_backbone(name)` says `load_backbone(name)` would load."""
+    if model is not None:
+        name = str(name)
+        label = Path(name).name if name.endswith(".safetensors") else name
+        return {"backbone": label, "weights": "the model passed in", "state_sha256": state_digest(model)}
+    return resolve_backbone(name).identity()
+
+
+def content_identity(dataset: Dataset) -> dict:
+    """What identifies a dataset's images and labels: recipe and tensor digest, file list, or item digest."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        indices = [int(i) for i in dataset.indices]
+        return {"subset_of": content_identity(dataset.dataset), "n_images": len(indices),
+                "indices_sha256": hashlib.sha256(json.dumps(indices).encode()).hexdigest()}
+    key = getattr(dataset, "key", None)
+    if isinstance(key, dict):  # a recipe; the digest of its tensors guards against changed or hand-built data
+        tensors = {n: getattr(dataset, n) for n in ("images", "labels")
+                   if isinstance(getattr(dataset, n, None), torch.Tensor)}
+        return {**key, **({"content_sha256": tensors_digest(tensors)} if tensors else {})}
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        return {"tensors_sha256": tensors_digest({str(i): t for i, t in enumerate(dataset.tensors)}),
+                "n_images": len(dataset)}
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list) and hasattr(dataset, "root"):  # torchvision's ImageFolder and DatasetFolder
+        return {"root": str(dataset.root), "n_images": len(samples), "files_sha256": files_digest(samples)}
+    return {"type": type(dataset).__name__, "n_images": len(dataset), "items_sha256": items_digest(dataset)}
+
+
+def files_digest(samples: list[tuple[str, int]]) -> str:
+    """Hex sha256 of a folder dataset's files: path, label, size and modification time of each."""
+    digest = hashlib.sha256()
+    for path, target in samples:
+        info = os.stat(path)
+        digest.update(f"{path}|{target}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def items_digest(dataset: Dataset) -> str:
+    """Hex sha256 of every item a dataset returns (one pass over its data, no model)."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for j, part in enumerate(item if isinstance(item, (tuple, list)) else (item,)):
+            if isinstance(part, torch.Tensor):
+                update_digest(digest, f"{i}.{j}", part)
+            elif hasattr(part, "tobytes"):  # numpy arrays and PIL images: their pixels, not their address
+                layout = (getattr(part, "shape", getattr(part, "size", None)), getattr(part, "dtype", None),
+                          getattr(part, "mode", None))
+                digest.update(f"{i}.{j}|{type(part).__name__}|{layout}|".encode())
+                digest.update(part.tobytes())
+            else:
+                digest.update(f"{i}.{j}|{part!r}|".encode())
+    return digest.hexdigest()
+
+
+def transform_identity(dataset: Dataset) -> str:
+    """What the dataset does to its stored images before they reach the model."""
+    base = dataset
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    transform = getattr(base, "transform", None)
+    if transform is None:
+        return "none (tensors as stored)"
+    return repr(transform)
+
+
+def dataset_identity(dataset: Dataset, data_key: str | None = None) -> dict:
+    """What identifies a dataset split's content and transform (a caller's `data_key` replaces both)."""
+    if data_key is not None:
+        if not isinstance(data_key, str) or not data_key.strip():
+            raise SelaggError(f"data_key={data_key!r} is not accepted: it must be a non-empty string that names "
+                              "this exact content (images, labels and transform), e.g. 'my-scans-v3-val'.")
+        return {"data": {"caller_key": data_key, "n_images": len(dataset)}, "transform": "part of data_key"}
+    return {"data": content_identity(dataset), "transform": transform_identity(dataset)}
+
+
+def entry_key(identity: dict, block: int | str, norm: bool, compute: str = "float32") -> dict:
+    """The full key of one block's entry, from the weights' and the dataset's identity and the forward precision."""
+    return {"format": CACHE_FORMAT, **identity, "block": block, "norm": norm, "dtype": "float16", "compute": compute}
+
+
+def pooled_key(identity: dict, block: int | str, norm: bool, compute: str = "float32") -> dict:
+    """The full key of a pooled entry: the tokens' key, marked pooled ([cls] and mean of patches, float32)."""
+    return {**entry_key(identity, block, norm, compute), "pooled": True, "dtype": "float32 from float16 tokens"}
+
+
+def cache_key(backbone: str | os.PathLike, dataset: Dataset, block: int | str, norm: bool,
+              model: torch.nn.Module | None = None, data_key: str | None = None,
+              device: str | torch.device = "cpu") -> dict:
+    """The full key of a cache entry."""
+    return entry_key({**backbone_identity(backbone, model), **dataset_identity(dataset, data_key)}, block, norm,
+                     compute_precision(device))
+
+
+def key_digest(key: dict) -> str:
+    """A short stable name for a key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def key_text(key: dict) -> str:
+    """A key as stored in an entry's metadata."""
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def entry_path(key: dict, directory: str | os.PathLike | None = None) -> Path:
+    """Where the cache entry of a key lives."""
+    return cache_dir(directory) / f"{key_digest(key)}.safetensors"

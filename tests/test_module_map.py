@@ -1,0 +1,62 @@
+"""The package's imports run the way CONTRIBUTING.md's module map says, and form no cycle."""
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "selagg_utils"
+#: Imports up the map that the map itself names as exceptions (done inside a function, at call time).
+ALLOWED_UP = {("bench", "bench_probes")}
+
+
+def map_order() -> list[str]:
+    """The modules in the order of the module map's table in CONTRIBUTING.md."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    table = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("|") and line.count("|") >= 4]
+    return [name for row in rows[2:] for name in re.findall(r"`([a-z_]+)` \(\d+\)", row)]
+
+
+def package_imports(module: str) -> list[tuple[str, bool]]:
+    """(imported package module, whether at import time) for each relative import outside `if TYPE_CHECKING:`."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                 and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+    in_function = {id(n) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for n in ast.walk(node)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_only:
+            targets = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+            found += [(t, id(node) not in in_function) for t in targets if (PACKAGE / f"{t}.py").exists()]
+    return found
+
+
+def test_the_map_lists_each_module_once_and_imports_run_down_it():
+    order = map_order()
+    assert len(order) == len(set(order)) and len(order) > 20, order
+    missing = [m for m in order if not (PACKAGE / f"{m}.py").exists()]
+    assert not missing, f"the module map names modules that do not exist: {missing}"
+    position = {m: i for i, m in enumerate(order)}
+    up = [(m, t) for m in order for t, _ in package_imports(m)
+          if t in position and position[t] > position[m] and (m, t) not in ALLOWED_UP]
+    assert not up, f"imports up the module map (move the code, or the module in the map): {up}"
+
+
+def test_no_import_cycle_at_import_time():
+    modules = [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
+    graph = {m: {t for t, at_import in package_imports(m) if at_import} for m in modules}
+    done, path = set(), []
+
+    def visit(m: str) -> None:
+        assert m not in path, f"import cycle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m in done:
+            return
+        path.append(m)
+        for t in sorted(graph[m]):
+            visit(t)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(modules):
+        visit(m)
