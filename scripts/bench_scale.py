@@ -43,9 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from selagg_utils import shards  # noqa: E402
+from selagg_utils import shard_files  # noqa: E402
 from selagg_utils.errors import SelaggError  # noqa: E402
-from selagg_utils.shards import TokenLayout, TokenStore  # noqa: E402
+from selagg_utils.models import TokenLayout  # noqa: E402
+from selagg_utils.shards import TokenStore  # noqa: E402
 
 VIT = "random:vit_base_patch16_224"
 
@@ -100,18 +101,18 @@ def extraction_rows(backbone: str, dataset: str, split: str, n_images: int, proc
 def synthetic_store(folder: Path, n_images: int, n_tokens: int, width: int, shard_size: int, dtype: str,
                     grid: tuple[int, int]) -> TokenStore:
     """A store of random float16 tokens of a given shape, written as extraction writes one (one process)."""
-    identity = {"format": shards.STORE_FORMAT, "backbone": {"backbone": "random tokens for a read benchmark"},
+    identity = {"format": shard_files.STORE_FORMAT, "backbone": {"backbone": "random tokens for a read benchmark"},
                 "dataset": {"n_images": n_images}, "split": None, "block": "last", "norm": True,
                 "compute": "float32", "dtype": dtype}
-    layout = TokenLayout(n_tokens - grid[0] * grid[1], True, grid)
+    layout = TokenLayout(True, n_tokens - grid[0] * grid[1] - 1, grid)
     folder.mkdir(parents=True, exist_ok=True)
-    ranges = shards.shard_ranges(n_images, shard_size)
+    ranges = shard_files.shard_ranges(n_images, shard_size)
     g = torch.Generator().manual_seed(0)
     for i, (a, b) in enumerate(ranges):
         tokens = torch.randn(b - a, n_tokens, width, generator=g).half()
-        shards.write_shard(folder, i, (a, b), tokens, torch.randint(0, 10, (b - a,), generator=g), identity, layout)
-    index = shards.index_from_sidecars(folder, identity, ranges, shard_size)
-    (folder / shards.INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+        shard_files.write_shard(folder, i, (a, b), tokens, torch.randint(0, 10, (b - a,), generator=g), identity, layout)
+    index = shard_files.index_from_sidecars(folder, identity, ranges, shard_size)
+    (folder / shard_files.INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
     return TokenStore(folder, verify=False)
 
 
@@ -226,7 +227,7 @@ def sections(args: argparse.Namespace, work: Path) -> list[Callable[[], list[Row
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from selagg_utils.features import size_text
+    from selagg_utils.cache_keys import size_text
     from selagg_utils.viz import show_table
 
     try:
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             for section in sections(args, Path(tmp)):
                 rows += section()
             stores = {p.name: TokenStore(p, verify=False).nbytes() for p in sorted(Path(tmp).iterdir())
-                      if (p / shards.INDEX_NAME).is_file()}
+                      if (p / shard_files.INDEX_NAME).is_file()}
     except SelaggError as err:
         print(f"SelaggError: {err}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ def split_dataset(backbone: str, name: str, split: str, max_images: int | None):
 
 def summary_line(n_store: int, n_now: int, seconds: float, n_bytes: int, world_size: int, out: Path) -> str:
     """The one line rank 0 prints."""
-    from selagg_utils.features import size_text
+    from selagg_utils.cache_keys import size_text
 
     rate = n_now / seconds if seconds > 0 else float("nan")
     return (f"extract_tokens: {n_store} images in the store, {n_now} extracted now by {world_size} process"

@@ -24,6 +24,7 @@ from .checks import whole_number
 from .distributed import ProcessInfo
 from .errors import SelaggError
 from .features import TokenSet
+from .models import TokenLayout
 from .probing import (ProbeRecipe, ProbeResult, check_finite_tokens, checked_seeds, fit_stack, probe_head,
                       usable_accuracies)
 from .stacking import ProbeStack, diverged_copies, stack_correct, training_source
@@ -327,8 +328,8 @@ def bench_probe_epoch(head_name: str = "abmilp", images: int = 256, num_tokens: 
         raise SelaggError(f"num_tokens={num_tokens} is not 1 + a square number of patches; use e.g. 197 (ViT-B/16).")
     mine = torch.arange(info.rank, images, info.world_size)
     g = torch.Generator().manual_seed(seed * 1009 + info.rank)
-    train = TokenSet(torch.randn(len(mine), num_tokens, dim, generator=g).half(), mine % classes, 1, True,
-                     (side, side))
+    train = TokenSet(torch.randn(len(mine), num_tokens, dim, generator=g).half(), mine % classes,
+                     TokenLayout(True, 0, (side, side)))
     recipe = ProbeRecipe(epochs=1, warmup_epochs=0, batch_size=batch_size,
                          lrs=tuple(0.01 * 10 ** (i / 2) for i in range(lrs)))  # 0.01, 0.03, 0.1, ... as in ProbeRecipe
     batch = min(batch_size, images)

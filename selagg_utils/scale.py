@@ -20,7 +20,7 @@ from .errors import SelaggError
 __all__ = ["IMAGENET_TRAIN_IMAGES", "IMAGENET_VAL_IMAGES", "VALUE_BYTES", "SCALE_BYTES", "vit_forward_flops",
            "token_bytes", "pooled_bytes", "probe_runs", "backbone_passes", "head_train_flops", "GpuAssumptions",
            "DeviceRates", "assumed_gpu_rates", "rates_at", "GridPlan", "grid_seconds", "reference_seconds",
-           "duration_text", "probe_seconds", "probe_bound", "results_agree", "quantize_per_token", "dequantize_per_token", "torchrun_command", "run_script", "stores_equal"]
+           "duration_text", "probe_seconds", "probe_bound", "results_agree", "torchrun_command", "run_script", "stores_equal"]
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's train split
 IMAGENET_VAL_IMAGES = 50_000       # and its val split
@@ -66,11 +66,12 @@ def head_train_flops(head_name: str, n_tokens: int, width: int, num_classes: int
     The package's head on random tokens of this shape ([cls] first); only matrix products are counted.
     """
     from .features import TokenSet
+    from .models import TokenLayout
     from .probing import probe_head
     from .timing import count_flops
 
     tokens = TokenSet(torch.zeros(batch, n_tokens, width, dtype=torch.float16), torch.arange(batch) % num_classes,
-                      1, True, grid_size)
+                      TokenLayout(True, n_tokens - 1 - grid_size[0] * grid_size[1], grid_size))
     head = probe_head(head_name, tokens, num_classes).train()
     x = torch.randn(batch, n_tokens, width)
 
@@ -204,17 +205,6 @@ def duration_text(seconds: float) -> str:
         if seconds >= 2 * size:
             return f"{seconds / size:,.1f} {unit}"
     return f"{seconds:.1f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
-
-
-def quantize_per_token(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one float16 scale per token (scale = max|x| / 127): (int8 values, scales)."""
-    scale = tokens.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
-    return (tokens.float() / scale).round().clamp(-127, 127).to(torch.int8), scale.squeeze(-1).half()
-
-
-def dequantize_per_token(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float16 tokens back from int8 values and their per-token scales."""
-    return (values.float() * scales.float()[..., None]).half()
 
 
 # ----------------------------------------------------------------------------- the scripts

@@ -19,6 +19,7 @@ from selagg_utils import SelaggError
 from selagg_utils.ddp_probing import bench_probe_epoch, local_rows_of_batch, train_probes_distributed
 from selagg_utils.distributed import ProcessInfo
 from selagg_utils.features import TokenSet
+from selagg_utils.models import TokenLayout
 from selagg_utils.probing import ProbeRecipe, train_probes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def toy(n: int, seed: int, shift: torch.Tensor | None = None) -> TokenSet:
     x[:, 0, :C] += 0.5 * torch.nn.functional.one_hot(labels, C).float()
     if shift is not None:  # images of another distribution: every token moved far along every width
         x[shift] += 4.0
-    return TokenSet(x.half(), labels, 1, True, (4, 4), {"toy": seed})
+    return TokenSet(x.half(), labels, TokenLayout(True, 0, (4, 4)), {"toy": seed})
 
 
 def shard_parts(n: int, shard_size: int, world: int) -> list[torch.Tensor]:

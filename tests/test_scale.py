@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from selagg_utils import scale, timing
+from selagg_utils import scale, shard_files, timing
 from selagg_utils.errors import SelaggError
 from selagg_utils.models import tiny_vit
 
@@ -104,10 +104,10 @@ def test_int8_per_token_quantisation():
     torch.manual_seed(0)
     x = (torch.randn(3, 7, 16) * torch.logspace(-3, 2, 7)[:, None]).half()  # tokens of very different sizes
     x[0, 0] = 0                                                                # an all-zero token
-    values, scales = scale.quantize_per_token(x)
+    values, scales = shard_files.quantized(x)
     assert values.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (3, 7)
     assert int(values.abs().max()) == 127
-    back = scale.dequantize_per_token(values, scales)
+    back = shard_files.dequantized(values, scales)
     assert back.dtype == torch.float16 and torch.isfinite(back).all() and torch.all(back[0, 0] == 0)
     step = scales.float()[..., None]
     assert ((back.float() - x.float()).abs() <= 0.5 * step + 1e-3 * x.float().abs() + 1e-6).all()

@@ -12,10 +12,10 @@ import torch
 from selagg_utils.data import load_dataset
 from selagg_utils.distributed import check_backend, process_group
 from selagg_utils.errors import SelaggError
-from selagg_utils.features import extract_blocks
+from selagg_utils.extraction import ExtractOptions, extract_blocks
 from selagg_utils.models import load_backbone
-from selagg_utils.shards import (TokenStore, dequantized, extract_to_store, quantized, shard_name, sidecar_name,
-                                 store_identity)
+from selagg_utils.shard_files import dequantized, quantized, shard_name, sidecar_name, store_identity
+from selagg_utils.shards import TokenStore, extract_to_store
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, SHARD, BACKBONE = 40, 8, "tiny-mae"  # five shards of eight images
@@ -86,7 +86,7 @@ def copy(reference, tmp_path):
 
 def test_one_process_store_equals_the_package_extraction_and_the_layout(reference, data):
     whole = reference.token_set()
-    tokens, labels = extract_blocks(load_backbone(BACKBONE), data, [None], batch_size=8, progress=False)
+    tokens, labels = extract_blocks(load_backbone(BACKBONE), data, [None], ExtractOptions(batch_size=8, progress=False))
     assert torch.equal(whole.tokens, tokens[0]) and torch.equal(whole.labels, labels)
     assert len(reference) == N_IMAGES and len(reference.shards) == 5 and reference.shards[-1]["stop"] == N_IMAGES
     assert (whole.num_prefix_tokens, whole.has_cls, whole.grid_size) == (1, True, (8, 8))
