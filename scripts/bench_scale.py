@@ -1,4 +1,5 @@
-"""Scale-out measurements: token extraction with 1 and 2 processes, and reading a sharded token store.
+"""Scale-out measurements: token extraction with 1 and 2 processes, reading a sharded token store, and a
+probe epoch per GB of tokens with 1 and 2 processes.
 
     python scripts/bench_scale.py                          # tiny-mae and ViT-B/16 shapes, 1 and 2 processes
     python scripts/bench_scale.py --skip-vit --tiny-images 2000
@@ -21,8 +22,13 @@ which needs no root; the host below a virtual disk may still cache them); warm: 
 --repeats passes with the pages cached. GB/s counts stored bytes; "tokens GB/s" the float16 bytes
 handed over (twice the stored bytes for int8).
 
-Each section is a function returning rows of one shape (`Row`), so another measurement (e.g. a
-probe epoch with `ddp_probing`) adds one function and one line in `sections`.
+Probe epochs: `ddp_probing.bench_probe_epoch` under torchrun with P processes (gloo): an AbMILP sweep
+of 8 learning rates on random float16 tokens of the tiny shape (65 tokens of width 128) and of ViT-B/16
+shape, the median of a few epochs; "s/GB" in the row's text is the epoch's seconds per GB of tokens
+read, the number chapter 8's estimates scale.
+
+Each section is a function returning rows of one shape (`Row`), so another measurement adds one
+function and one line in `sections`.
 """
 from __future__ import annotations
 
@@ -95,6 +101,44 @@ def extraction_rows(backbone: str, dataset: str, split: str, n_images: int, proc
     for row in rows:
         row.ratio, row.versus = row.images_per_s / rows[0].images_per_s, f"{rows[0].processes} process"
     return rows
+
+
+# ----------------------------------------------------------------------------- probe epochs
+def probe_epoch_run(processes: int, images: int, num_tokens: int, dim: int) -> dict:
+    """`ddp_probing.bench_probe_epoch`'s row for one AbMILP sweep under torchrun with `processes` processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(Path(__file__).resolve()), "--probe-worker", str(images), str(num_tokens), str(dim)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SelaggError(f"The probe epoch with {processes} processes failed (exit {run.returncode}): "
+                          f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else 'no message'}.")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def probe_rows(images: int, num_tokens: int, dim: int, processes: list[int], label: str) -> list[Row]:
+    """Seconds per probe epoch (AbMILP, 8 learning rates) and per GB of tokens, with each number of processes."""
+    rows = []
+    for p in processes:
+        got = probe_epoch_run(p, images, num_tokens, dim)
+        rows.append(Row("probe epoch", f"{label}, AbMILP x 8 lrs: {got['seconds_per_epoch_per_gb']:.1f} s/GB", p,
+                        images, got["seconds_per_epoch"], images / got["seconds_per_epoch"],
+                        got["train_gb"] / got["seconds_per_epoch"]))
+    for row in rows:
+        row.ratio, row.versus = row.images_per_s / rows[0].images_per_s, f"{rows[0].processes} process"
+    return rows
+
+
+def probe_worker(images: int, num_tokens: int, dim: int) -> int:
+    """One process of `probe_epoch_run`: the first prints the row as JSON."""
+    from selagg_utils.ddp_probing import bench_probe_epoch
+    from selagg_utils.distributed import process_group
+
+    with process_group("gloo") as info:
+        row = bench_probe_epoch("abmilp", images=images, num_tokens=num_tokens, dim=dim, info=info)
+        if info.is_main:
+            print(json.dumps(row))
+    return 0
 
 
 # ----------------------------------------------------------------------------- reading
@@ -201,6 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="folder for the stores (default: a temporary one)")
+    parser.add_argument("--probe-images", type=int, default=512, help="images in the probe-epoch runs (0: skip)")
+    parser.add_argument("--probe-worker", type=int, nargs=3, metavar=("IMAGES", "TOKENS", "WIDTH"),
+                        help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -222,11 +269,17 @@ def sections(args: argparse.Namespace, work: Path) -> list[Callable[[], list[Row
                 f"ViT-B/16 shape {dtype}", args.repeats))
     todo.append(lambda: read_rows(TokenStore(work / f"tiny-mae-{args.processes[0]}", verify=False),
                                   "tiny-mae float16", args.repeats))
+    if args.probe_images > 0:
+        todo.append(lambda: probe_rows(args.probe_images, 65, 128, args.processes, "tiny shape"))
+        if not args.skip_vit:
+            todo.append(lambda: probe_rows(args.probe_images, 197, 768, args.processes, "ViT-B/16 shape"))
     return todo
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.probe_worker:
+        return probe_worker(*args.probe_worker)
     from selagg_utils.cache_keys import size_text
     from selagg_utils.viz import show_table
 
