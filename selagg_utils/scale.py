@@ -20,7 +20,7 @@ from .errors import SelaggError
 __all__ = ["IMAGENET_TRAIN_IMAGES", "IMAGENET_VAL_IMAGES", "VALUE_BYTES", "SCALE_BYTES", "vit_forward_flops",
            "token_bytes", "pooled_bytes", "probe_runs", "backbone_passes", "head_train_flops", "GpuAssumptions",
            "DeviceRates", "assumed_gpu_rates", "rates_at", "GridPlan", "grid_seconds", "reference_seconds",
-           "duration_text", "probe_seconds", "probe_bound", "results_agree", "torchrun_command", "run_script", "stores_equal"]
+           "duration_text", "probe_seconds", "probe_bound", "results_agree", "torchrun_command", "failure_line", "run_script", "stores_equal"]
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's train split
 IMAGENET_VAL_IMAGES = 50_000       # and its val split
@@ -214,6 +214,13 @@ def torchrun_command(script: str | Path, args: list[str], nproc: int = 1) -> lis
             str(script), *map(str, args)]
 
 
+def failure_line(stderr: str) -> str:
+    """The line of a failed run's error output that says what went wrong (torchrun adds banners after it)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and set(line.strip()) - set("=-")]
+    errors = [line for line in lines if "Error" in line.split(":", 1)[0]]
+    return (errors or lines or ["no message"])[-1]
+
+
 def run_script(script: str | Path, args: list[str], nproc: int = 1, timeout: float = 600,
                env: dict[str, str] | None = None) -> dict:
     """Run a script under torchrun; its last printed line, the wall seconds, and (if --out names a JSON file) its content."""
@@ -224,8 +231,8 @@ def run_script(script: str | Path, args: list[str], nproc: int = 1, timeout: flo
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SelaggError(f"{Path(script).name} with {nproc} process{'es' if nproc > 1 else ''} failed (exit {done.returncode}): "
-                          f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
+        raise SelaggError(f"{Path(script).name} with {nproc} process{'es' if nproc > 1 else ''} failed "
+                          f"(exit {done.returncode}): {failure_line(done.stderr)}")
     lines = done.stdout.strip().splitlines()
     result = {"summary": lines[-1] if lines else "", "seconds": seconds}
     if "--out" in args:

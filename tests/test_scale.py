@@ -165,3 +165,13 @@ def test_run_script_runs_under_torchrun_and_reports_failures(tmp_path):
     failing.write_text("import sys\nprint('bad input', file=sys.stderr)\nsys.exit(3)\n")
     with pytest.raises(SelaggError, match="fail.py with 1 process failed"):
         scale.run_script(failing, [], nproc=1, timeout=300)
+
+
+def test_failure_line_finds_the_error_under_torchruns_banners():
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "SelaggError: Process 1 of 2 holds no training images; use fewer processes.\n"
+              "E1130 torch.distributed.elastic.multiprocessing.api: failed (exitcode: 1)\n"
+              "============================================================\n")
+    assert scale.failure_line(stderr) == "SelaggError: Process 1 of 2 holds no training images; use fewer processes."
+    assert scale.failure_line("just a line\n=====\n") == "just a line"
+    assert scale.failure_line("") == "no message"
