@@ -27,7 +27,7 @@ from .errors import SelaggError
 from .extraction import compute_precision
 from .models import resolve_backbone, token_layout
 
-__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_dir", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
+__all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_dir", "writable_folder", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
            "token_shape", "size_text", "check_disk_space", "state_digest", "backbone_identity", "content_identity",
            "dataset_identity", "transform_identity", "entry_key", "pooled_key", "cache_key", "key_digest",
            "key_text", "entry_path"]
@@ -43,21 +43,24 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(CACHE_ENV) or "~/.cache/selagg/features").expanduser()
 
 
-def writable_cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The cache folder, created if needed and checked to accept a new file, else a SelaggError (before any work)."""
-    folder = cache_dir(path)
+def writable_folder(folder: Path, what: str, remedy: str) -> Path:
+    """`folder`, created if needed and checked to accept a new file, else a SelaggError naming `what` (before any work)."""
     if folder.exists() and not folder.is_dir():
-        raise SelaggError(f"The feature cache location {folder} is a file, not a folder; move that file away or "
-                          f"point {CACHE_ENV} (or directory=) to a folder.")
+        raise SelaggError(f"The {what} location {folder} is a file, not a folder; {remedy}.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(folder / "write-check"), suffix=".tmp")
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise SelaggError(f"The feature cache folder {folder} cannot be written ({err.strerror or err}); point "
-                          f"{CACHE_ENV} (or directory=) to a folder you can write, e.g. one under /tmp.") from None
+        raise SelaggError(f"The {what} folder {folder} cannot be written ({err.strerror or err}); {remedy}, "
+                          "one you can write, e.g. under /tmp.") from None
     return folder
+
+
+def writable_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The cache folder, created if needed and checked to accept a new file, else a SelaggError (before any work)."""
+    return writable_folder(cache_dir(path), "feature cache", f"point {CACHE_ENV} (or directory=) to a folder")
 
 
 def token_entry_bytes(n_images: int, n_tokens: int, width: int) -> int:

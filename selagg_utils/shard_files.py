@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, Subset
 
-from .cache_keys import backbone_identity, dataset_identity, key_digest, size_text
+from .cache_keys import backbone_identity, dataset_identity, key_digest, size_text, writable_folder
 from .checkpoints import sha256_of, temporary_prefix
 from .errors import SelaggError
 from .extraction import compute_precision
@@ -214,16 +214,7 @@ def complete_shard(folder: Path, i: int, span: tuple[int, int], digest: str) -> 
 
 def check_folder(folder: Path, identity: dict, ranges: list[tuple[int, int]], shard_size: int) -> None:
     """Refuse, before any work, a folder that is a file or holds a store (or shards) of another request."""
-    if folder.exists() and not folder.is_dir():
-        raise SelaggError(f"The token store location {folder} is a file, not a folder; pass a folder for the store.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(folder / "write-check"), suffix=".tmp")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise SelaggError(f"The token store folder {folder} cannot be written ({err.strerror or err}); pass a folder "
-                          "you can write, e.g. one under /tmp.") from None
+    writable_folder(folder, "token store", "pass a folder for the store")
     records = [(folder / INDEX_NAME, read_json(folder / INDEX_NAME))]
     records += [(p, read_json(p)) for p in sorted(folder.glob("shard-*.json"))]
     for path, record in records:
