@@ -8,16 +8,15 @@ a head does not pool (registers, and [cls] unless asked for) get weight 0.
 An optional boolean `keep` (B, T) or (B, patches) marks the tokens a head may pool (True = may be
 pooled); it is neither MAE's hidden patches (`pretrain`) nor the lab's object masks (`digits`).
 
-Heads are built by name with `make_head` from a token width and a `models.TokenLayout`; the names, their classes and options are the registry
-`HEAD_KINDS` (listed at the end of this docstring). Training many copies of a head at once is the
+Heads are built by name with `make_head` from a token width and a `models.TokenLayout`; the names, their
+classes and options are the registry `HEAD_KINDS` (listed at the end of this docstring). Training many copies of a head at once is the
 job of `stacking`; building and training probes (a head, then BatchNorm and a linear layer), of
 `probing` (`probing.probe_head`).
 """
 from __future__ import annotations
 
 import inspect
-import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -27,24 +26,25 @@ from timm.layers import Attention, AttentionPoolLatent, build_sincos2d_pos_embed
 from .checks import whole_number
 from .errors import SelaggError
 from .models import TokenLayout
+from .softmax import masked_softmax
 
-__all__ = ["Aggregator", "ClsPool", "MeanPool", "AbMILP", "AttentivePool", "HeadKind", "HEAD_KINDS", "HEADS",
-           "make_head", "describe_heads", "check_tokens", "check_keep", "masked_softmax",
-           "negligible_grad_dropped", "NEGLIGIBLE", "patch_weights", "localisation_score", "uniform_localisation"]
+__all__ = ["Aggregator", "ClsPool", "MeanPool", "AbMILP", "ScorerOptions", "AttentivePool", "HeadKind", "HEAD_KINDS",
+           "HEADS", "make_head", "describe_heads", "check_tokens", "check_keep", "patch_weights", "localisation_score",
+           "uniform_localisation"]
 
 
 class Aggregator(nn.Module):
     """Base class: `forward` checks tokens and `keep`, then `pool` does the work (checks done once, outside)."""
 
-    def __init__(self, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True):
+    def __init__(self, dim: int, layout: TokenLayout | None = None):
         super().__init__()
         whole_number(dim, "dim", 1, "pass the backbone's token width (embed_dim), e.g. 768")
-        whole_number(num_prefix_tokens, "num_prefix_tokens", 0, "pass how many tokens precede the patches "
-                     "([cls] plus registers; models.token_layout(model).num_prefix_tokens gives it)")
-        if has_cls and num_prefix_tokens < 1:
-            raise SelaggError(f"A model with a [cls] token has at least 1 prefix token, got num_prefix_tokens="
-                              f"{num_prefix_tokens}; pass has_cls=False for a model without [cls].")
-        self.dim, self.num_prefix_tokens, self.has_cls = dim, num_prefix_tokens, has_cls
+        if layout is not None and not isinstance(layout, TokenLayout):
+            raise SelaggError(f"A head's layout is a models.TokenLayout, got a {type(layout).__name__}; pass "
+                              "models.token_layout(model) or a TokenSet's .layout.")
+        self.dim, self.layout = dim, layout  # None: [cls] then the patches, grid unknown
+        self.num_prefix_tokens = 1 if layout is None else layout.num_prefix_tokens
+        self.has_cls = True if layout is None else layout.has_cls
         self.out_dim = dim
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,47 +120,12 @@ def _pooled_tokens(head: Aggregator, tokens: torch.Tensor, keep: torch.Tensor | 
     return pooled if keep is None else pooled & keep
 
 
-NEGLIGIBLE = 1e-30
-
-
-class _NegligibleGradDropped(torch.autograd.Function):
-    """Identity; on the way back, gradient entries below NEGLIGIBLE in magnitude become 0."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.masked_fill(grad.abs() < NEGLIGIBLE, 0.0)
-
-
-def negligible_grad_dropped(x: torch.Tensor) -> torch.Tensor:
-    """`x` itself, but the gradient that flows back through it has its entries below 1e-30 set to 0.
-
-    Such entries cannot change a float32 sum with gradients of a loss of order 1, but below 1.2e-38
-    (denormal floats) a CPU computes them tens of times slower: a probe sweep at large learning
-    rates, where softmax probabilities underflow, would spend most of its time on them.
-    """
-    return _NegligibleGradDropped.apply(x)
-
-
-def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension where `keep` is True; exactly 0 elsewhere and where below 1e-30.
-
-    Weights that small cannot change a weighted sum of tokens (the weights add up to 1); setting
-    them and their scores' gradient to 0 keeps a CPU off denormal floats (see `negligible_grad_dropped`).
-    """
-    weights = negligible_grad_dropped(scores).masked_fill(~keep, float("-inf")).softmax(dim=-1)
-    return F.threshold(weights, NEGLIGIBLE, 0.0)
-
-
 class ClsPool(Aggregator):
     """The [cls] token itself (the usual linear-probe input)."""
 
-    def __init__(self, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True):
-        super().__init__(dim, num_prefix_tokens, has_cls)
-        if not has_cls:
+    def __init__(self, dim: int, layout: TokenLayout | None = None):
+        super().__init__(dim, layout)
+        if not self.has_cls:
             raise SelaggError("This model has no [cls] token, so 'cls' pooling is impossible; "
                               "use 'mean' or 'abmilp' (models such as I-JEPA are probed on mean-pooled patches).")
 
@@ -179,52 +144,75 @@ class MeanPool(Aggregator):
         return torch.einsum("bt,btd->bd", weights, tokens), weights
 
 
+@dataclass(frozen=True, repr=False)
+class ScorerOptions:
+    """How AbMILP scores a token: `depth` hidden layers of width `hidden` with `act` ('tanh' or 'relu');
+    `gated` (Ilse et al.'s tanh(Vh) * sigmoid(Uh), on at least one hidden layer); `self_attention` (one
+    single-head self-attention layer mixes the tokens the scorer reads; the pooled values stay the
+    backbone's tokens); `pos_embed` ('sincos': fixed 2-D sin-cos codes added to the patch tokens the scorer reads)."""
+
+    depth: int = 0
+    hidden: int = 128
+    act: str = "tanh"
+    gated: bool = False
+    self_attention: bool = False
+    pos_embed: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a scorer that cannot be built, before any weight is drawn."""
+        whole_number(self.depth, "depth", 0, "use 0 for the paper's single linear scorer")
+        whole_number(self.hidden, "hidden", 1, "pass the width of the scorer's hidden layers, e.g. 128")
+        if self.act not in ("tanh", "relu"):
+            raise SelaggError(f"Unknown scorer activation {self.act!r}; choose 'tanh' or 'relu'.")
+        if self.pos_embed not in (None, "none", "sincos"):
+            raise SelaggError(f"Unknown pos_embed {self.pos_embed!r}; choose None or 'sincos'.")
+
+    def __repr__(self) -> str:
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return f"ScorerOptions({', '.join(changed)})"
+
+
 class AbMILP(Aggregator):
     """Attention-based MIL pooling: a learned score per token, softmax over tokens, weighted sum.
 
-    The default is the paper's head: patch tokens only, one Linear(D, 1) scorer. Variants: `depth`
-    hidden layers of width `hidden` with `act` ('tanh' or 'relu'); `gated` (Ilse et al.'s
-    tanh(Vh) * sigmoid(Uh)); `self_attention` (one single-head self-attention layer mixes the tokens
-    that feed the scorer; the pooled values stay the backbone's tokens); `pos_embed` ('sincos': fixed
-    2-D sin-cos position codes added to the scorer input of patch tokens, needs `grid_size`);
-    `include_cls` (the [cls] token competes with the patches).
+    The default is the paper's head: patch tokens only, one Linear(D, 1) scorer. `scorer` (a
+    `ScorerOptions`) chooses a deeper, gated, self-attending or position-aware scorer;
+    `include_cls` lets the [cls] token compete with the patches.
     """
 
-    def __init__(self, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True, depth: int = 0,
-                 hidden: int = 128, act: str = "tanh", gated: bool = False, self_attention: bool = False,
-                 pos_embed: str | None = None, grid_size: tuple[int, int] | None = None, include_cls: bool = False):
-        super().__init__(dim, num_prefix_tokens, has_cls)
-        if include_cls and not has_cls:
+    def __init__(self, dim: int, layout: TokenLayout | None = None, scorer: ScorerOptions | None = None,
+                 include_cls: bool = False):
+        super().__init__(dim, layout)
+        scorer = ScorerOptions() if scorer is None else scorer
+        if not isinstance(scorer, ScorerOptions):
+            raise SelaggError(f"scorer must be an aggregation.ScorerOptions, got a {type(scorer).__name__}; "
+                              "e.g. ScorerOptions(depth=1, act='relu').")
+        if include_cls and not self.has_cls:
             raise SelaggError("include_cls=True needs a model with a [cls] token; this one has none.")
-        if act not in ("tanh", "relu"):
-            raise SelaggError(f"Unknown scorer activation {act!r}; choose 'tanh' or 'relu'.")
-        if gated and depth < 1:
-            depth = 1  # the gate acts on a hidden layer
-        self.include_cls, self.gated = include_cls, gated
-        self.mix = Attention(dim, num_heads=1, qkv_bias=True) if self_attention else None
+        depth = max(scorer.depth, 1) if scorer.gated else scorer.depth  # the gate acts on a hidden layer
+        self.scorer, self.include_cls, self.gated = scorer, include_cls, scorer.gated
+        self.mix = Attention(dim, num_heads=1, qkv_bias=True) if scorer.self_attention else None
         if self.mix is not None:
             self.mix.fused_attn = False  # plain ops: vmap-friendly and deterministic
         self.pos_embed: torch.Tensor | None
-        if pos_embed in (None, "none"):
+        if scorer.pos_embed in (None, "none"):
             self.register_buffer("pos_embed", None)
-        elif pos_embed == "sincos":
-            if not (isinstance(grid_size, (tuple, list)) and len(grid_size) == 2
-                    and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in grid_size)):
-                raise SelaggError(f"pos_embed='sincos' needs the patch grid as two positive whole numbers, got "
-                                  f"grid_size={grid_size!r}; pass e.g. grid_size=(8, 8) (models.token_layout(model).grid_size).")
-            self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(grid_size), dim), persistent=False)
         else:
-            raise SelaggError(f"Unknown pos_embed {pos_embed!r}; choose None or 'sincos'.")
-        activation = nn.Tanh if act == "tanh" else nn.ReLU
+            if layout is None:
+                raise SelaggError("pos_embed='sincos' needs the patch grid, but the head was built without a "
+                                  "layout; pass the backbone's: make_head(name, dim, models.token_layout(model)) "
+                                  "or a TokenSet's .layout.")
+            self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(layout.grid_size), dim), persistent=False)
+        activation = nn.Tanh if scorer.act == "tanh" else nn.ReLU
         layers: list[nn.Module] = []
         width = dim
-        for _ in range(depth - 1 if gated else depth):
-            layers += [nn.Linear(width, hidden), activation()]
-            width = hidden
+        for _ in range(depth - 1 if scorer.gated else depth):
+            layers += [nn.Linear(width, scorer.hidden), activation()]
+            width = scorer.hidden
         self.body = nn.Sequential(*layers)
-        if gated:
-            self.value, self.gate = nn.Linear(width, hidden), nn.Linear(width, hidden)
-            width = hidden
+        if scorer.gated:
+            self.value, self.gate = nn.Linear(width, scorer.hidden), nn.Linear(width, scorer.hidden)
+            width = scorer.hidden
         self.score = nn.Linear(width, 1)
 
     def check(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -263,9 +251,9 @@ class AttentivePool(Aggregator):
     timm's forward in a cheaper order (see `attention`); `pool_reference` runs timm's forward itself.
     """
 
-    def __init__(self, dim: int, num_prefix_tokens: int = 1, has_cls: bool = True, num_heads: int = 4,
-                 mlp: bool = False, mlp_ratio: float = 4.0):
-        super().__init__(dim, num_prefix_tokens, has_cls)
+    def __init__(self, dim: int, layout: TokenLayout | None = None, num_heads: int = 4, mlp: bool = False,
+                 mlp_ratio: float = 4.0):
+        super().__init__(dim, layout)
         if dim % num_heads:
             raise SelaggError(f"The token width {dim} is not divisible by num_heads={num_heads}; pick a divisor.")
         self.attn = AttentionPoolLatent(dim, out_features=dim if mlp else 0, num_heads=num_heads,
@@ -330,11 +318,15 @@ HEAD_KINDS: dict[str, HeadKind] = {
     "cls": HeadKind(ClsPool, {}, "the [cls] token itself (the usual linear probe)"),
     "mean": HeadKind(MeanPool, {}, "the average of the patch tokens"),
     "abmilp": HeadKind(AbMILP, {}, "one linear score per patch token, softmax, weighted sum (the paper's head)"),
-    "abmilp-tanh": HeadKind(AbMILP, dict(depth=1, act="tanh"), "scores through a tanh hidden layer"),
-    "abmilp-relu": HeadKind(AbMILP, dict(depth=1, act="relu"), "scores through a ReLU hidden layer"),
-    "abmilp-gated": HeadKind(AbMILP, dict(gated=True), "Ilse et al.'s gated scorer"),
-    "abmilp-sa": HeadKind(AbMILP, dict(self_attention=True), "scores tokens mixed by one self-attention layer"),
-    "abmilp-pos": HeadKind(AbMILP, dict(pos_embed="sincos"), "2-D sin-cos position codes added to the scorer input"),
+    "abmilp-tanh": HeadKind(AbMILP, dict(scorer=ScorerOptions(depth=1, act="tanh")),
+                            "scores through a tanh hidden layer"),
+    "abmilp-relu": HeadKind(AbMILP, dict(scorer=ScorerOptions(depth=1, act="relu")),
+                            "scores through a ReLU hidden layer"),
+    "abmilp-gated": HeadKind(AbMILP, dict(scorer=ScorerOptions(gated=True)), "Ilse et al.'s gated scorer"),
+    "abmilp-sa": HeadKind(AbMILP, dict(scorer=ScorerOptions(self_attention=True)),
+                          "scores tokens mixed by one self-attention layer"),
+    "abmilp-pos": HeadKind(AbMILP, dict(scorer=ScorerOptions(pos_embed="sincos")),
+                           "2-D sin-cos position codes added to the scorer input"),
     "abmilp-cls": HeadKind(AbMILP, dict(include_cls=True), "[cls] competes with the patches"),
     "attentive": HeadKind(AttentivePool, {}, "a learned query attends to the patches (timm's AttentionPoolLatent)"),
 }
@@ -356,22 +348,15 @@ def make_head(name: str, dim: int, layout: TokenLayout | None = None, **options)
     the patches, no grid); extra keyword arguments go to its class."""
     if name not in HEAD_KINDS:
         raise SelaggError(f"Unknown pooling head {name!r}; choose one of {', '.join(HEAD_KINDS)}.")
-    if layout is not None and not isinstance(layout, TokenLayout):
-        raise SelaggError(f"A head's layout is a models.TokenLayout, got a {type(layout).__name__}; pass "
-                          "models.token_layout(model) or a TokenSet's .layout.")
     kind = HEAD_KINDS[name]
     check_head_options(name, kind.cls, options)
-    given = dict(dim=dim, num_prefix_tokens=1, has_cls=True) if layout is None else \
-        dict(dim=dim, num_prefix_tokens=layout.num_prefix_tokens, has_cls=layout.has_cls)
-    if "grid_size" in inspect.signature(kind.cls.__init__).parameters:
-        given["grid_size"] = None if layout is None else layout.grid_size
-    return kind.cls(**given, **{**kind.options, **options})
+    return kind.cls(dim, layout, **{**kind.options, **options})
 
 
 def check_head_options(name: str, cls: type, options: dict) -> None:
     """Raise a SelaggError for keyword arguments the head would otherwise drop or fail on deep inside."""
     accepted = [p for p in inspect.signature(cls.__init__).parameters
-                if p not in ("self", "dim", "num_prefix_tokens", "has_cls", "grid_size")]
+                if p not in ("self", "dim", "layout")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise SelaggError(f"The {name!r} head takes no option {', '.join(map(repr, unknown))}; it accepts "

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .aggregation import negligible_grad_dropped
 from .checks import whole_number
 from .distributed import ProcessInfo
 from .errors import SelaggError
@@ -27,6 +26,7 @@ from .features import TokenSet
 from .models import TokenLayout
 from .probing import (ProbeRecipe, ProbeResult, check_finite_tokens, checked_seeds, fit_stack, probe_head,
                       usable_accuracies)
+from .softmax import negligible_grad_dropped
 from .stacking import ProbeStack, diverged_copies, stack_correct, training_source
 
 __all__ = ["train_probes_distributed", "current_process", "synced_backward", "synced_batch_norm",

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .aggregation import NEGLIGIBLE, AbMILP, Aggregator, AttentivePool, negligible_grad_dropped
+from .aggregation import AbMILP, Aggregator, AttentivePool
 from .checks import all_finite
 from .errors import SelaggError
 from .features import TokenSet
+from .softmax import NEGLIGIBLE, negligible_grad_dropped
 
 if TYPE_CHECKING:
     from .probing import ProbeHead
@@ -32,7 +33,7 @@ class _SoftmaxPooled(torch.autograd.Function):
     """Softmax over tokens, then the weighted sum of the tokens, with a backward laid out for speed.
 
     scores (S, L, B, T), tokens (S, B, T, D) -> pooled (S, B, L, D). Weights below 1e-30 are set to
-    0 before they are used or saved (see `aggregation.masked_softmax`), so no denormal float enters the backward.
+    0 before they are used or saved (see `softmax.masked_softmax`), so no denormal float enters the backward.
     """
 
     @staticmethod

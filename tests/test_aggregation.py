@@ -1,4 +1,6 @@
 """Pooling heads: one interface, weights that sum to 1 on the pooled tokens, clear errors."""
+from dataclasses import fields
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -6,9 +8,9 @@ from hypothesis import strategies as st
 
 from selagg_utils import SelaggError
 from selagg_utils import aggregation
-from selagg_utils.aggregation import (HEAD_KINDS, HEADS, AbMILP, check_keep, describe_heads, localisation_score,
-                                      make_head, masked_softmax, negligible_grad_dropped, patch_weights,
-                                      uniform_localisation)
+from selagg_utils.aggregation import (HEAD_KINDS, HEADS, AbMILP, ScorerOptions, check_keep, describe_heads,
+                                      localisation_score, make_head, patch_weights, uniform_localisation)
+from selagg_utils.softmax import masked_softmax, negligible_grad_dropped
 from selagg_utils.features import TokenSet
 from selagg_utils.models import TokenLayout, tiny_vit, token_layout
 from selagg_utils.probing import head_inputs
@@ -36,7 +38,7 @@ def test_registers_and_cls_get_no_weight_by_default(name):
 
 
 def test_abmilp_matches_its_definition():
-    head = AbMILP(D, 1, True)
+    head = AbMILP(D)
     x = tokens()
     scores = head.score(x[:, 1:]).squeeze(-1)
     expected = (scores.softmax(1)[..., None] * x[:, 1:]).sum(1)
@@ -117,15 +119,18 @@ def test_make_head_builds_what_the_registry_says(name):
     head = make_head(name, D, TokenLayout(True, 0, (4, 4)), **({"num_heads": 2} if name == "attentive" else {}))
     assert type(head) is kind.cls
     if kind.cls is AbMILP:
-        built = abmilp_options(head)
-        assert {k: built[k] for k in kind.options} == kind.options
+        built, asked = abmilp_options(head), dict(kind.options)
+        scorer = asked.pop("scorer", ScorerOptions())
+        asked.update({f.name: getattr(scorer, f.name) for f in fields(scorer) if getattr(scorer, f.name) != f.default})
+        assert {k: built[k] for k in asked} == asked
     assert f"- {name}: {kind.cls.__name__}" in describe_heads() and f"- {name}: " in aggregation.__doc__
 
 
 def test_a_head_added_to_the_registry_is_built_listed_and_offered_by_the_errors(monkeypatch):
-    monkeypatch.setitem(HEAD_KINDS, "abmilp-deep", aggregation.HeadKind(AbMILP, dict(depth=3), "three hidden layers"))
+    monkeypatch.setitem(HEAD_KINDS, "abmilp-deep", aggregation.HeadKind(AbMILP, dict(scorer=ScorerOptions(depth=3)),
+                                                                    "three hidden layers"))
     assert len(make_head("abmilp-deep", D).body) == 6
-    assert "- abmilp-deep: AbMILP(depth=3): three hidden layers" in describe_heads()
+    assert "- abmilp-deep: AbMILP(scorer=ScorerOptions(depth=3)): three hidden layers" in describe_heads()
     with pytest.raises(SelaggError, match="abmilp-deep"):
         make_head("max", D)
 

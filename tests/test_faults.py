@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from selagg_utils import SelaggError
-from selagg_utils.aggregation import MeanPool, make_head
+from selagg_utils.aggregation import MeanPool, ScorerOptions, make_head
 from selagg_utils.attention import attention_statistics
 from selagg_utils.checkpoints import load_checkpoint, save_checkpoint
 from selagg_utils.features import TokenSet
@@ -128,9 +128,9 @@ def test_heads_refuse_options_they_would_drop_or_fail_on():
     assert make_head("attentive", 8, num_heads=2).attn.num_heads == 2
 
 
-def test_a_negative_prefix_count_is_refused():
-    with pytest.raises(SelaggError, match="num_prefix_tokens=-1"):
-        MeanPool(8, num_prefix_tokens=-1, has_cls=False)
+def test_a_negative_prefix_count_or_a_loose_layout_is_refused():
+    with pytest.raises(SelaggError, match="layout is a models.TokenLayout, got a tuple"):
+        MeanPool(8, (-1, False, (2, 2)))
     with pytest.raises(SelaggError, match="num_registers=-1"):
         make_head("mean", 8, TokenLayout(False, -1, (2, 2)))
     with pytest.raises(SelaggError, match="takes no option 'num_prefix_tokens'"):
@@ -141,8 +141,17 @@ def test_position_codes_of_another_grid_are_refused():
     head = make_head("abmilp-pos", 8, TokenLayout(True, 0, (3, 3)))
     with pytest.raises(SelaggError, match="Got 4 patch tokens but the head's position codes cover a grid of 9"):
         head(torch.randn(2, 5, 8))
-    with pytest.raises(SelaggError, match="grid_size=None"):
+    with pytest.raises(SelaggError, match="needs the patch grid, but the head was built without a layout"):
         make_head("abmilp-pos", 8)
+
+
+def test_a_scorer_that_cannot_be_built_is_refused_before_any_weight():
+    for bad, words in [(dict(act="gelu"), "activation 'gelu'"), (dict(pos_embed="learned"), "pos_embed 'learned'"),
+                       (dict(depth=-1), "depth=-1"), (dict(hidden=0), "hidden=0")]:
+        with pytest.raises(SelaggError, match=words):
+            ScorerOptions(**bad)
+    with pytest.raises(SelaggError, match="scorer must be an aggregation.ScorerOptions, got a dict"):
+        make_head("abmilp", 8, scorer=dict(depth=1))
 
 
 # ----------------------------------------------------------------------------- checkpoint manifests
