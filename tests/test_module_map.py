@@ -67,3 +67,22 @@ def test_no_import_cycle_at_import_time():
 def test_every_module_stays_near_four_hundred_lines():
     long = {p.stem: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > 410}
     assert not long, f"modules over about 400 lines (cut them by job): {long}"
+
+
+def parameter_counts(path: Path) -> dict[str, int]:
+    """The number of parameters (self, cls, *args and **kwargs not counted) of each function in a file."""
+    counts = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            counts[f"{path.name}:{node.lineno} {node.name}"] = sum(
+                x.arg not in ("self", "cls") for x in a.posonlyargs + a.args + a.kwonlyargs)
+    return counts
+
+
+def test_no_function_takes_more_than_seven_parameters():
+    """Past about six, related parameters travel as one small options dataclass (see CONTRIBUTING.md)."""
+    files = [*PACKAGE.glob("*.py"), *(ROOT / "scripts").glob("*.py")]
+    crowded = {name: n for path in files for name, n in parameter_counts(path).items() if n > 7}
+    assert not crowded, f"functions with more than seven parameters (group them in an options dataclass): {crowded}"
+    assert parameter_counts(PACKAGE / "bench.py"), "the count found no function: the check would pass on anything"
