@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,10 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from selagg_utils.pretrain_run import pretrain_tiny
+        from selagg_utils.pretrain_run import method_options, pretrain_tiny
 
-        manifest = pretrain_tiny(args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 seed=args.seed, device=args.device, threads=args.threads, out_dir=args.out)
+        options = replace(method_options(args.method, args.device), seed=args.seed)
+        options = options if args.lr is None else replace(options, lr=args.lr)
+        manifest = pretrain_tiny(args.method, steps=args.steps, batch_size=args.batch_size, options=options,
+                                 threads=args.threads, out_dir=args.out)
     except SelaggError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         val = load_part(args.val, info)[0]
         test = load_part(args.test, info)[0] if args.test is not None else None
         start = time.perf_counter()
-        results = train_probes_distributed(args.head, train, val, test, recipe, tuple(args.seeds), info,
+        results = train_probes_distributed(args.head, train, val, test, recipe, tuple(args.seeds),
                                            train_indices=train_indices)
         seconds = time.perf_counter() - start
         sizes = torch.tensor([len(train), train.tokens.numel() * 2], device=info.device)  # float16 bytes, as read

@@ -12,6 +12,7 @@ accuracies are correct counts summed across processes.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checks import whole_number
-from .distributed import ProcessInfo
+from .distributed import ProcessInfo, current_process
 from .errors import SelaggError
 from .features import TokenSet
 from .models import TokenLayout
@@ -29,20 +30,11 @@ from .probing import (ProbeRecipe, ProbeResult, check_finite_tokens, checked_see
 from .softmax import negligible_grad_dropped
 from .stacking import ProbeStack, diverged_copies, stack_correct, training_source
 
-__all__ = ["train_probes_distributed", "current_process", "synced_backward", "synced_batch_norm",
-           "local_rows_of_batch", "global_labels", "bench_probe_epoch"]
+__all__ = ["train_probes_distributed", "synced_backward", "synced_batch_norm", "local_rows_of_batch",
+           "global_labels", "ProbeProblem", "bench_probe_epoch"]
 
 
 # ----------------------------------------------------------------------------- collectives
-def current_process() -> ProcessInfo:
-    """This process as torch.distributed sees it: its rank in the initialised group, else one process on the CPU."""
-    if dist.is_available() and dist.is_initialized():
-        nccl = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        return ProcessInfo(dist.get_rank(), dist.get_world_size(), device)
-    return ProcessInfo(0, 1, torch.device("cpu"))
-
-
 def _summed(t: torch.Tensor, info: ProcessInfo, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """`t` reduced over all processes (a new tensor, on t's device); `t` itself in one process."""
     if info.world_size == 1:
@@ -231,15 +223,15 @@ def global_labels(labels: torch.Tensor, indices: torch.Tensor, n: int, info: Pro
 
 # ----------------------------------------------------------------------------- the sweep
 def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet | None = None,
-                             recipe: ProbeRecipe | None = None, seeds=(0,), info: ProcessInfo | None = None, *,
-                             train_indices: torch.Tensor | None = None, progress: bool = False,
-                             **head_kwargs) -> list[ProbeResult]:
+                             recipe: ProbeRecipe | None = None, seeds=(0,), *,
+                             train_indices: torch.Tensor | None = None, **head_kwargs) -> list[ProbeResult]:
     """`probing.train_probes` on whole splits of which each process holds a part; the same result on every process.
 
-    `train_indices` are the global indices of this part's training images (`store.part_indices(rank,
-    world)`); without them the parts are taken to lie end to end in rank order.
+    The processes, and each one's device, are `distributed.current_process()`'s. `train_indices` are
+    the global indices of this part's training images (`store.part_indices(rank, world)`); without
+    them the parts are taken to lie end to end in rank order.
     """
-    info = info or current_process()
+    info = current_process()
     recipe = ProbeRecipe() if recipe is None else recipe
     if not isinstance(recipe, ProbeRecipe):
         raise SelaggError(f"recipe must be a ProbeRecipe, got a {type(recipe).__name__}; build one with "
@@ -269,8 +261,7 @@ def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, tes
     tokens_of = training_source(stack, train, device)
     batch = min(recipe.batch_size, n)
     backward_of = synced_backward(stack, tokens_of, train.labels, indices, n, batch, info)
-    losses = fit_stack(stack, tokens_of, labels, recipe, list(seeds), progress and info.is_main,
-                       backward_of=backward_of)
+    losses = fit_stack(stack, tokens_of, labels, recipe, list(seeds), backward_of=backward_of)
     _same_weights_everywhere(stack, info)
     stack.reading_pooled(False)
     val_correct = _summed(stack_correct(stack, val.tokens.to(device), val.labels), info)
@@ -310,22 +301,51 @@ def _accuracy_summed(head, tokens: TokenSet, n: int, info: ProcessInfo, batch_si
 
 
 # ----------------------------------------------------------------------------- a measurement for the book
-def bench_probe_epoch(head_name: str = "abmilp", images: int = 256, num_tokens: int = 197, dim: int = 768,
-                      lrs: int = 8, batch_size: int = 256, epochs: int = 3, classes: int = 10,
-                      info: ProcessInfo | None = None, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class ProbeProblem:
+    """The random probing problem `bench_probe_epoch` times: `images` of `num_tokens` tokens ([cls] + a square grid
+    of patches) of width `dim`, in `classes` classes."""
+
+    images: int = 256
+    num_tokens: int = 197
+    dim: int = 768
+    classes: int = 10
+
+    def __post_init__(self) -> None:
+        """Refuse sizes that are not whole numbers, or tokens that are not [cls] plus a square grid."""
+        for name, least, remedy in (("images", 2, "BatchNorm trains on batches of 2 or more (256 by default)"),
+                                    ("num_tokens", 2, "give [cls] plus the patches, e.g. 197 (ViT-B/16)"),
+                                    ("dim", 1, "give the token width, e.g. 768 (ViT-B)"),
+                                    ("classes", 1, "give the number of classes, e.g. 10")):
+            object.__setattr__(self, name, whole_number(getattr(self, name), name, least, remedy))
+        if self.side ** 2 != self.num_tokens - 1:
+            raise SelaggError(f"num_tokens={self.num_tokens} is not 1 + a square number of patches; use e.g. 197 "
+                              "(ViT-B/16).")
+
+    @property
+    def side(self) -> int:
+        """Patches per side of the grid."""
+        return int(round((self.num_tokens - 1) ** 0.5))
+
+
+def bench_probe_epoch(head_name: str = "abmilp", problem: ProbeProblem = ProbeProblem(), lrs: int = 8,
+                      batch_size: int = 256, epochs: int = 3, seed: int = 0) -> dict:
     """Seconds per training epoch of a probe sweep (one head, `lrs` learning rates) per GB of float16 tokens read.
 
-    Random tokens (images, num_tokens, dim), one part per process, trained as `train_probes_distributed`
-    trains them. After one untimed epoch, `epochs` epochs are timed one by one and the median is
-    kept (a shared machine makes single epochs slow now and then). An epoch reads `images //
-    batch_size` whole global batches. CPU seconds are summed over the processes (steadier than wall
-    time on a shared machine; on a GPU they count the host only). Every process returns the same row.
+    Random tokens (`problem`), one part per process of `distributed.current_process()`, trained as
+    `train_probes_distributed` trains them. After one untimed epoch, `epochs` epochs are timed one by
+    one and the median is kept (a shared machine makes single epochs slow now and then). An epoch
+    reads `images // batch_size` whole global batches. CPU seconds are summed over the processes
+    (steadier than wall time on a shared machine; on a GPU they count the host only). Every process
+    returns the same row.
     """
-    info = info or current_process()
+    if not isinstance(problem, ProbeProblem):
+        raise SelaggError(f"problem must be a ddp_probing.ProbeProblem, got a {type(problem).__name__}; build one "
+                          "with ProbeProblem(images=256, num_tokens=197, dim=768).")
+    info = current_process()
     whole_number(epochs, "epochs", 1, "time at least one epoch")
-    side = int(round((num_tokens - 1) ** 0.5))
-    if side * side != num_tokens - 1:
-        raise SelaggError(f"num_tokens={num_tokens} is not 1 + a square number of patches; use e.g. 197 (ViT-B/16).")
+    images, num_tokens, dim, classes = problem.images, problem.num_tokens, problem.dim, problem.classes
+    side = problem.side
     mine = torch.arange(info.rank, images, info.world_size)
     g = torch.Generator().manual_seed(seed * 1009 + info.rank)
     train = TokenSet(torch.randn(len(mine), num_tokens, dim, generator=g).half(), mine % classes,

@@ -68,13 +68,18 @@ def _device_for(backend: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
 
 
+#: What `process_group` gave while it runs without torchrun (innermost last), so that `current_process` agrees.
+_ALONE: list[ProcessInfo] = []
+
+
 def current_process() -> ProcessInfo:
-    """This process's place: from the process group when one is joined, else rank 0 of 1 on the CPU."""
+    """This process's place: from the process group when one is joined, else what `process_group` gave (rank 0 of
+    1 on its device) inside it, else rank 0 of 1 on the CPU."""
     if dist.is_available() and dist.is_initialized():
         backend = dist.get_backend()
         local = int(os.environ.get("LOCAL_RANK", 0))
         return ProcessInfo(dist.get_rank(), dist.get_world_size(), _device_for(backend, local))
-    return ProcessInfo(0, 1, torch.device("cpu"))
+    return _ALONE[-1] if _ALONE else ProcessInfo(0, 1, torch.device("cpu"))
 
 
 @contextmanager
@@ -88,7 +93,11 @@ def process_group(backend: str | None = None) -> Iterator[ProcessInfo]:
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = _device_for(backend, local)
     if not under_torchrun():
-        yield ProcessInfo(0, 1, device)
+        _ALONE.append(ProcessInfo(0, 1, device))
+        try:
+            yield _ALONE[-1]
+        finally:
+            _ALONE.pop()
         return
     if device.type == "cuda":
         if local >= torch.cuda.device_count():

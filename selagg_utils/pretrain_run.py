@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -11,12 +12,13 @@ import torch
 from . import __version__
 from .checkpoints import save_checkpoint
 from .config import device as pick_device
-from .devices import device_name
+from .devices import device_name, resolve_device
 from .digits import DigitStream, DigitsRecipe
+from .errors import SelaggError
 from .models import CHECKPOINT_DIR, tiny_vit, vit_config
 from .pretrain import ContrastiveJEA, MaskedAutoencoder, TrainOptions, train_steps
 
-__all__ = ["DEFAULTS", "code_version", "pretrain_tiny"]
+__all__ = ["DEFAULTS", "code_version", "method_options", "warm_up_words", "pretrain_tiny"]
 
 DEFAULTS = {"mae": {"steps": 2400, "lr": 1.5e-3}, "jea": {"steps": 600, "lr": 1e-3}, "random": {"steps": 0, "lr": 0.0}}
 
@@ -31,15 +33,38 @@ def code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, lr: float | None = None,
-                  seed: int = 0, device: str | None = None, threads: int | None = None,
-                  out_dir: Path | None = None, progress: bool = True) -> dict:
-    """Train `tiny-<method>` and save it; returns the manifest that was written."""
+def method_options(method: str, device: str | torch.device | None = None) -> TrainOptions:
+    """The options `pretrain_tiny` trains a method with unless given others: the method's peak learning rate
+    (`DEFAULTS`), seed 0, progress shown, on `device` (None: CUDA if present, else the CPU)."""
+    if method not in DEFAULTS:
+        raise SelaggError(f"Unknown pretraining method {method!r}; choose one of {', '.join(DEFAULTS)}.")
+    return TrainOptions(lr=DEFAULTS[method]["lr"], device=resolve_device(device))
+
+
+def warm_up_words(options: TrainOptions) -> str:
+    """How the manifest names the warm-up `train_steps` makes with these options."""
+    if options.warmup is None:
+        return "5% warm-up"
+    return f"{options.warmup} warm-up step{'' if options.warmup == 1 else 's'}"
+
+
+def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, options: TrainOptions | None = None,
+                  *, threads: int | None = None, out_dir: Path | None = None) -> dict:
+    """Train `tiny-<method>` and save it; returns the manifest that was written.
+
+    `options` None means `method_options(method)`; options given are used as they are, their learning
+    rate included (start from `replace(method_options(method), seed=1)` to keep the method's).
+    """
+    defaults = method_options(method)  # refuses an unknown method
+    options = defaults if options is None else options
+    if not isinstance(options, TrainOptions):
+        raise SelaggError(f"options must be a pretrain.TrainOptions, got a {type(options).__name__}; start from "
+                          f"pretrain_run.method_options({method!r}).")
     if threads:
         torch.set_num_threads(threads)
     steps = DEFAULTS[method]["steps"] if steps is None else steps
-    lr = DEFAULTS[method]["lr"] if lr is None else lr
-    dev = pick_device(device)
+    options = replace(options, device=pick_device(options.device))
+    lr, dev, seed = options.lr, options.device, options.seed
     torch.manual_seed(seed)
     encoder = tiny_vit()
     recipe = DigitsRecipe()
@@ -47,8 +72,7 @@ def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, 
              "random": lambda: None}[method]()
     start, history = time.perf_counter(), []
     if model is not None:
-        history = train_steps(model, DigitStream(batch_size, seed=seed, recipe=recipe), steps,
-                              TrainOptions(lr=lr, device=dev, seed=seed, progress=progress))
+        history = train_steps(model, DigitStream(batch_size, seed=seed, recipe=recipe), steps, options)
     wall = time.perf_counter() - start
     state = {f"backbone.{k}": v for k, v in encoder.state_dict().items()}
     if method == "mae":
@@ -67,7 +91,8 @@ def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, 
         "data_recipe": {"dataset": "cluttered-digits, fresh images every batch from the train source digits",
                         **recipe.to_dict()},
         "training_recipe": {"steps": steps, "batch_size": batch_size, "optimizer": "AdamW (timm)", "lr": lr,
-                            "betas": [0.9, 0.95], "weight_decay": 0.05, "schedule": "5% warm-up, cosine to lr/100",
+                            "betas": list(options.betas), "weight_decay": options.weight_decay,
+                            "schedule": f"{warm_up_words(options)}, cosine to lr/100",
                             "seed": seed, **({"temperature": model.temperature, "views": "random resized crop "
                                               "(area 0.4-1), brightness/contrast jitter, noise"} if method == "jea" else {})},
         "images_seen": steps * batch_size,

@@ -30,7 +30,7 @@ from .progress import progress_bar
 from .stacking import ProbeStack, diverged_copies, stack_accuracy, training_source
 
 __all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "head_inputs", "train_probes", "train_probe", "fit_stack",
-           "probe_accuracy", "head_weights", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
+           "probe_accuracy", "head_weights", "LowShot", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
            "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR", "cross_entropy_backward"]
 
 
@@ -100,14 +100,13 @@ class ProbeHead(nn.Module):
 
 def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
               recipe: ProbeRecipe, seed: int | list[int] = 0, progress: bool = False,
-              lrs: list[float] | None = None,
               backward_of: Callable[[torch.Tensor], float] | None = None) -> list[float]:
     """Train the stack; `tokens_of(indices)` gives the tokens of a batch; returns the mean loss per step.
 
-    `seed` (one per group) seeds each group's batch order; `lrs` (one per head) defaults to the
-    recipe's learning rates repeated for every group, scaled by batch / 256. `backward_of(indices)`,
-    when given, replaces the forward and backward pass of a batch (indices (S, B) into `labels`) and
-    returns its mean loss per copy; `ddp_probing` passes one that spans processes.
+    `seed` (one per group) seeds each group's batch order; every group trains the recipe's learning
+    rates, scaled by batch / 256. `backward_of(indices)`, when given, replaces the forward and
+    backward pass of a batch (indices (S, B) into `labels`) and returns its mean loss per copy;
+    `ddp_probing` passes one that spans processes.
     """
     seeds = [seed] * stack.groups if isinstance(seed, int) else list(seed)
     n = len(labels)
@@ -115,7 +114,7 @@ def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tenso
     per_epoch = n // bs
     total = max(recipe.epochs * per_epoch, recipe.min_steps)
     warmup = round(total * recipe.warmup_epochs / recipe.epochs) if recipe.epochs else 0
-    lrs = recipe.scaled_lrs(bs) * stack.groups if lrs is None else lrs
+    lrs = recipe.scaled_lrs(bs) * stack.groups
     optimizer = make_optimizer(stack, recipe, lrs)
     schedule = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup, warmup_prefix=True,
                                  t_in_epochs=False)
@@ -202,7 +201,7 @@ def head_inputs(source: TokenSet | nn.Module) -> tuple[int, TokenLayout]:
 
 
 def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet | None = None,
-                 recipe: ProbeRecipe = ProbeRecipe(), seeds: tuple[int, ...] = (0, 1, 2), progress: bool = False,
+                 recipe: ProbeRecipe = ProbeRecipe(), seeds: tuple[int, ...] = (0, 1, 2),
                  device: str | torch.device = "cpu", **head_kwargs) -> list[ProbeResult]:
     """One lr sweep per seed, all trained together; each seed picks its lr on val and reports test.
 
@@ -215,7 +214,7 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
     k = len(recipe.lrs)
     heads = [probe_head(head_name, train, num_classes, s, **head_kwargs) for s in seeds for _ in range(k)]
     stack = ProbeStack(heads, groups=len(seeds)).to(device)
-    losses = fit_stack(stack, training_source(stack, train, device), train.labels, recipe, list(seeds), progress)
+    losses = fit_stack(stack, training_source(stack, train, device), train.labels, recipe, list(seeds))
     stack.reading_pooled(False)  # scored on tokens from here on
     val_acc = stack_accuracy(stack, val.tokens.to(device), val.labels)
     diverged = diverged_copies(stack)
@@ -299,10 +298,10 @@ def usable_accuracies(acc: list[float], diverged: list[bool], lrs: tuple[float, 
 
 
 def train_probe(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet | None = None,
-                recipe: ProbeRecipe = ProbeRecipe(), seed: int = 0, progress: bool = False,
-                device: str | torch.device = "cpu", **head_kwargs) -> ProbeResult:
+                recipe: ProbeRecipe = ProbeRecipe(), seed: int = 0, device: str | torch.device = "cpu",
+                **head_kwargs) -> ProbeResult:
     """Train a head at every lr of the recipe together on cached tokens; pick the lr on val, report test."""
-    return train_probes(head_name, train, val, test, recipe, (seed,), progress, device, **head_kwargs)[0]
+    return train_probes(head_name, train, val, test, recipe, (seed,), device, **head_kwargs)[0]
 
 
 @torch.no_grad()
@@ -327,6 +326,25 @@ def head_weights(head: ProbeHead | Aggregator, tokens: torch.Tensor) -> torch.Te
 
 
 # ----------------------------------------------------------------------------- low-shot
+@dataclass(frozen=True)
+class LowShot:
+    """A low-shot experiment: `shots` labelled images per class, `draws` random draws (draw d trains with seed
+    `seed + d`), and at least `min_steps` training steps however few images there are."""
+
+    shots: int
+    draws: int = 3
+    seed: int = 0
+    min_steps: int = 200
+
+    def __post_init__(self) -> None:
+        """Refuse a plan that would draw no images, or seed or train with a negative number."""
+        for name, least, remedy in (("shots", 1, "give the number of labelled images per class, e.g. shots=5"),
+                                     ("draws", 1, "draw at least one subset of images (3 by default)"),
+                                     ("seed", 0, "seeds are whole numbers such as 0"),
+                                     ("min_steps", 0, "use 0 for no extra minimum (200 by default)")):
+            object.__setattr__(self, name, whole_number(getattr(self, name), name, least, remedy))
+
+
 def low_shot_indices(labels: torch.Tensor, shots: int, draws: int = 3, seed: int = 0) -> list[torch.Tensor]:
     """`draws` random subsets with `shots` images of every class each (a different draw per subset)."""
     whole_number(draws, "draws", 1, "draw at least one subset of images (3 by default)")
@@ -343,17 +361,20 @@ def low_shot_indices(labels: torch.Tensor, shots: int, draws: int = 3, seed: int
     return subsets
 
 
-def low_shot_accuracy(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet, shots: int, draws: int = 3,
-                      recipe: ProbeRecipe = ProbeRecipe(), seed: int = 0, min_steps: int = 200,
-                      device: str | torch.device = "cpu", **head_kwargs) -> list[float]:
-    """Test accuracy of a head trained on `shots` images per class, for each of `draws` random draws.
+def low_shot_accuracy(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet, plan: LowShot,
+                      recipe: ProbeRecipe = ProbeRecipe(), device: str | torch.device = "cpu",
+                      **head_kwargs) -> list[float]:
+    """Test accuracy of a head trained on `plan.shots` images per class, for each of `plan.draws` random draws.
 
-    Tiny training sets make few steps per epoch, so training runs at least `min_steps` steps.
+    Tiny training sets make few steps per epoch, so training runs at least `plan.min_steps` steps.
     """
-    recipe = replace(recipe, min_steps=max(recipe.min_steps, min_steps))
+    if not isinstance(plan, LowShot):
+        raise SelaggError(f"plan must be a probing.LowShot, got a {type(plan).__name__}; build one with "
+                          "probing.LowShot(shots=5, draws=3).")
+    recipe = replace(recipe, min_steps=max(recipe.min_steps, plan.min_steps))
     results = []
-    for d, index in enumerate(low_shot_indices(train.labels, shots, draws, seed)):
-        results.append(train_probe(head_name, train.subset(index), val, test, recipe, seed + d, device=device,
+    for d, index in enumerate(low_shot_indices(train.labels, plan.shots, plan.draws, plan.seed)):
+        results.append(train_probe(head_name, train.subset(index), val, test, recipe, plan.seed + d, device=device,
                                    **head_kwargs).test)
     return results
 

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from selagg_utils import SelaggError
-from selagg_utils.ddp_probing import bench_probe_epoch, local_rows_of_batch, train_probes_distributed
-from selagg_utils.distributed import ProcessInfo
+from selagg_utils import SelaggError, distributed
+from selagg_utils.ddp_probing import ProbeProblem, bench_probe_epoch, local_rows_of_batch, train_probes_distributed
+from selagg_utils.distributed import ProcessInfo, current_process, process_group
 from selagg_utils.features import TokenSet
 from selagg_utils.models import TokenLayout
 from selagg_utils.probing import ProbeRecipe, train_probes
@@ -75,14 +75,13 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     """One process: every case on its parts, plus one with a NaN token on rank 1 only; results saved per rank."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    info = ProcessInfo(rank, world, torch.device("cpu"))
-    saved = {}
+    saved = {"process": current_process()}
     try:
         for name, (head, shift, train_parts, eval_parts) in CASES.items():
             train, val, test = splits(shift)
             mine = train_parts[rank]
             results = train_probes_distributed(head, train.subset(mine), val.subset(eval_parts[rank]),
-                                               test.subset(eval_parts[1 - rank]), RECIPE, SEEDS, info,
+                                               test.subset(eval_parts[1 - rank]), RECIPE, SEEDS,
                                                train_indices=mine)
             saved[name] = [(r.best_lr, r.val_by_lr, r.test, r.head.state_dict(), r.losses) for r in results]
         train, val, _ = splits(None)
@@ -90,8 +89,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 1:
             part.tokens[3, 5, 0] = float("nan")
         try:
-            train_probes_distributed("abmilp", part, val, None, RECIPE, (0,), info,
-                                     train_indices=torch.arange(rank, 60, 2))
+            train_probes_distributed("abmilp", part, val, None, RECIPE, (0,), train_indices=torch.arange(rank, 60, 2))
             saved["nan"] = None
         except SelaggError as err:
             saved["nan"] = str(err)
@@ -169,6 +167,20 @@ def test_batch_norm_normalises_with_the_statistics_of_the_global_batch(two_proce
     assert_equal_to_one_process(two_processes, "shifted")
 
 
+def test_each_process_trains_as_its_place_in_the_initialised_group(two_processes):
+    assert [p["process"] for p in two_processes] == [ProcessInfo(r, 2, torch.device("cpu")) for r in range(2)]
+
+
+def test_current_process_inside_process_group_alone_is_what_it_gave(monkeypatch):
+    """Without torchrun, process_group's one process computes on its device (a GPU under NCCL) and so does a sweep."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_device_for", lambda backend, local: torch.device("meta"))
+    with process_group("gloo") as info:
+        assert info.device == torch.device("meta") and current_process() == info
+    assert current_process() == ProcessInfo(0, 1, torch.device("cpu"))
+
+
 def test_a_nan_token_in_one_part_stops_every_process_with_a_sentence(two_processes):
     assert two_processes[0]["nan"] == two_processes[1]["nan"]
     assert two_processes[0]["nan"].startswith("Process 1 of 2: The train tokens of image 3 contain NaN")
@@ -201,11 +213,21 @@ def test_a_part_without_images_of_a_batch_reads_only_padding():
 
 
 def test_bench_probe_epoch_gives_seconds_per_gigabyte():
-    row = bench_probe_epoch("mean", images=32, num_tokens=17, dim=8, lrs=2, batch_size=8, epochs=1)
+    row = bench_probe_epoch("mean", ProbeProblem(images=32, num_tokens=17, dim=8), lrs=2, batch_size=8, epochs=1)
     assert row["processes"] == 1 and row["train_gb"] == pytest.approx(32 * 17 * 8 * 2 / 1e9)
+    assert (row["images"], row["num_tokens"], row["dim"], row["batch_size"]) == (32, 17, 8, 8)
     assert row["seconds_per_epoch_per_gb"] == pytest.approx(row["seconds_per_epoch"] / row["train_gb"])
-    with pytest.raises(SelaggError, match="square"):
-        bench_probe_epoch(num_tokens=20)
+    with pytest.raises(SelaggError, match="ProbeProblem"):
+        bench_probe_epoch("mean", 32)
+
+
+@pytest.mark.parametrize("bad, words", [(dict(num_tokens=20), "not 1 + a square"), (dict(num_tokens=1), "num_tokens=1"),
+                                        (dict(images=1), "images=1"), (dict(dim=8.0), "dim=8.0"),
+                                        (dict(classes=0), "classes=0")])
+def test_probe_problems_that_cannot_be_timed_are_refused(bad, words):
+    with pytest.raises(SelaggError, match=words.replace("+", r"\+")):
+        ProbeProblem(**bad)
+    assert ProbeProblem(num_tokens=50).side == 7
 
 
 # ----------------------------------------------------------------------------- the script

@@ -82,6 +82,7 @@ def test_the_pretraining_script_writes_a_loadable_checkpoint_whose_manifest_desc
     from pathlib import Path
 
     from selagg_utils.models import load_backbone, tiny_checkpoint_path, vit_config
+    from selagg_utils.pretrain_run import DEFAULTS
 
     root = Path(__file__).resolve().parents[1]
     shipped = tiny_checkpoint_path(f"tiny-{method}").read_bytes()
@@ -93,7 +94,31 @@ def test_the_pretraining_script_writes_a_loadable_checkpoint_whose_manifest_desc
     model, manifest = load_backbone(path), json.loads(path.with_suffix(".json").read_text())
     assert manifest["model_config"] == vit_config(model) == vit_config(load_backbone(f"tiny-{method}"))
     assert manifest["training_recipe"]["steps"] == 1 and manifest["images_seen"] == 8
+    assert manifest["training_recipe"]["lr"] == DEFAULTS[method]["lr"]  # no --lr: the method's own
     if method == "mae":  # the decoder's recorded shape rebuilds the shipped decoder
         assert manifest["decoder_config"] | {"stats_head": None} == json.loads(
             tiny_checkpoint_path("tiny-mae").with_suffix(".json").read_text())["decoder_config"] | {"stats_head": None}
     assert tiny_checkpoint_path(f"tiny-{method}").read_bytes() == shipped  # the shipped checkpoint is untouched
+
+
+def test_pretraining_with_options_given_records_the_options_used(tmp_path):
+    import json
+    from dataclasses import replace
+
+    from selagg_utils import SelaggError
+    from selagg_utils.models import tiny_checkpoint_path
+    from selagg_utils.pretrain_run import method_options, pretrain_tiny
+
+    shipped = tiny_checkpoint_path("tiny-jea").read_bytes()
+    assert method_options("mae", "cpu") == TrainOptions(lr=1.5e-3, device=torch.device("cpu"))
+    options = replace(method_options("jea", "cpu"), lr=2e-3, seed=3, warmup=1, weight_decay=0.1, progress=False)
+    manifest = pretrain_tiny("jea", steps=2, batch_size=8, options=options, out_dir=tmp_path)
+    recipe = json.loads((tmp_path / "tiny-jea.json").read_text())["training_recipe"]
+    assert recipe == manifest["training_recipe"]
+    assert (recipe["lr"], recipe["seed"], recipe["weight_decay"]) == (2e-3, 3, 0.1)
+    assert recipe["schedule"] == "1 warm-up step, cosine to lr/100" and manifest["images_seen"] == 16
+    assert tiny_checkpoint_path("tiny-jea").read_bytes() == shipped
+    with pytest.raises(SelaggError, match="Unknown pretraining method 'dino'"):
+        method_options("dino")
+    with pytest.raises(SelaggError, match="TrainOptions"):
+        pretrain_tiny("jea", 1, 8, {"lr": 1e-3}, out_dir=tmp_path)

@@ -1,5 +1,7 @@
 """Probes: the lr sweep trains copies together and equals separate runs; low-shot; k-NN; determinism."""
 import copy
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,8 +11,8 @@ from selagg_utils import SelaggError
 from selagg_utils.features import TokenSet
 from selagg_utils.models import TokenLayout, tiny_vit
 from selagg_utils.optim import SweepAdamW, SweepLars
-from selagg_utils.probing import (ProbeHead, ProbeRecipe, fmt, low_shot_accuracy, low_shot_indices, probe_head,
-                                  train_probe, train_probes)
+from selagg_utils.probing import (LowShot, ProbeHead, ProbeRecipe, fmt, low_shot_accuracy, low_shot_indices,
+                                  probe_head, train_probe, train_probes)
 from selagg_utils.stacking import ProbeStack
 
 D, C = 16, 3
@@ -158,10 +160,23 @@ def test_low_shot_asking_too_many_raises():
 
 
 def test_low_shot_accuracy_runs():
-    accs = low_shot_accuracy("abmilp", toy(96, 0), toy(48, 1), toy(48, 2), shots=5, draws=2,
-                             recipe=FAST, min_steps=20)
+    train, val, test = toy(96, 0), toy(48, 1), toy(48, 2)
+    accs = low_shot_accuracy("abmilp", train, val, test, LowShot(shots=5, draws=2, seed=4, min_steps=40), FAST)
     assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
     assert "±" in fmt(accs)
+    draw = low_shot_indices(train.labels, 5, 2, seed=4)[1]  # the second draw trains with seed 4 + 1, 40 steps
+    alone = train_probe("abmilp", train.subset(draw), val, test, replace(FAST, min_steps=40), seed=5)
+    assert accs[1] == alone.test and len(alone.losses) == 40  # not 30 epochs of 1 step
+
+
+@pytest.mark.parametrize("bad, words", [(dict(shots=0), "shots=0"), (dict(shots=5, draws=1.5), "draws=1.5"),
+                                        (dict(shots=5, seed=-1), "seed=-1"), (dict(shots=5, min_steps=-1), "min_steps"),
+                                        (dict(shots=True), "shots=True")])
+def test_low_shot_plans_that_cannot_run_are_refused(bad, words):
+    with pytest.raises(SelaggError, match=re.escape(words)):
+        LowShot(**bad)
+    with pytest.raises(SelaggError, match="LowShot"):
+        low_shot_accuracy("cls", toy(32, 0), toy(16, 1), toy(16, 2), 5)
 
 
 def test_unknown_optimizer_raises():
