@@ -27,8 +27,8 @@ from .models import TokenLayout, token_layout
 from .progress import progress_bar
 from .token_store import EntryFile
 
-__all__ = ["ExtractOptions", "resolved_options", "float16_options", "extract_tokens", "extract_blocks",
-           "extract_pooled", "token_batches", "tokens_after", "block_tokens", "compute_precision",
+__all__ = ["ExtractOptions", "process_device", "resolved_options", "float16_options", "extract_tokens",
+           "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens", "compute_precision",
            "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
 
 _REPAIR = "remove or repair it, or pass a dataset without it"
@@ -37,7 +37,7 @@ _REPAIR = "remove or repair it, or pass a dataset without it"
 @dataclass(frozen=True)
 class ExtractOptions:
     """How a backbone runs over a dataset: images per forward pass, the device (None: this process's, see
-    `resolved_options`), whether the last block's tokens go through the final norm, a progress bar, the dtype the
+    `process_device`), whether the last block's tokens go through the final norm, a progress bar, the dtype the
     tokens are kept in, and loader processes (None: 0 on a CPU, up to 4 on CUDA)."""
 
     batch_size: int = 256
@@ -48,14 +48,19 @@ class ExtractOptions:
     num_workers: int | None = None
 
 
+def process_device(device: str | torch.device | None = None) -> str | torch.device:
+    """`device`, or this process's when None (`distributed.current_process`: the CPU outside torchrun,
+    cuda:LOCAL_RANK under NCCL); the one place a device None is resolved."""
+    return current_process().device if device is None else device
+
+
 def resolved_options(options: ExtractOptions | None = None) -> ExtractOptions:
-    """The options to run with: ExtractOptions() for None, and device None replaced by this process's device
-    (`distributed.current_process`: the CPU outside torchrun, cuda:LOCAL_RANK under NCCL)."""
+    """The options to run with: ExtractOptions() for None, and device None replaced by this process's device."""
     options = ExtractOptions() if options is None else options
     if not isinstance(options, ExtractOptions):
         raise SelaggError(f"options must be an extraction.ExtractOptions, got a {type(options).__name__}; pass e.g. "
                           "ExtractOptions(batch_size=64, progress=False), or None for the defaults.")
-    return options if options.device is not None else replace(options, device=current_process().device)
+    return options if options.device is not None else replace(options, device=process_device())
 
 
 def float16_options(options: ExtractOptions | None, where: str) -> ExtractOptions:

@@ -115,7 +115,8 @@ def test_options_the_cache_cannot_honour_are_refused_before_any_work(cache, data
 
 
 def test_no_device_means_this_process_s_and_keys_the_same_entry(cache, data):
-    assert extraction.resolved_options().device == distributed.current_process().device == torch.device("cpu")
+    assert extraction.process_device() == distributed.current_process().device == torch.device("cpu")
+    assert extraction.resolved_options().device == extraction.process_device()
     assert extraction.resolved_options(ExtractOptions(device="cpu")).device == "cpu"  # a device given is kept
     own = feat.cached_tokens("tiny-random", data, options=QUIET)
     named = feat.cached_tokens("tiny-random", data, options=ExtractOptions(device="cpu", progress=False))
