@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tiny_entry(n_images: int) -> TokenSet:
     """Real tokens of tiny-random on cluttered-digits images."""
     data = load_dataset("cluttered-digits", "train", n_images=n_images, seed=0)
-    return features.cached_tokens("tiny-random", data, directory=tempfile.mkdtemp(), progress=False)
+    return features.cached_tokens("tiny-random", data, options=extraction.ExtractOptions(progress=False),
+                                  directory=tempfile.mkdtemp())
 
 
 def vit_entry(n_images: int, extract: bool) -> TokenSet:

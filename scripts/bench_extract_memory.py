@@ -107,13 +107,14 @@ def child(args: argparse.Namespace) -> dict:
         if args.child == "baseline":
             load_backbone(BACKBONE)
         elif args.child == "extract":
-            entry = features.cached_tokens(BACKBONE, dataset, batch_size=args.batch_size, directory=args.cache,
-                                           progress=False)
+            quiet = extraction.ExtractOptions(batch_size=args.batch_size, progress=False)
+            entry = features.cached_tokens(BACKBONE, dataset, options=quiet, directory=args.cache)
             out["entry_bytes"] = cache_keys.entry_path(entry.key, args.cache).stat().st_size
         elif args.child == "load":
             extract = extraction.extract_blocks
             features.extract_blocks = lambda *a, **k: sys.exit("the entry was not in the cache")
-            entry = features.cached_tokens(BACKBONE, dataset, directory=args.cache, progress=False)
+            entry = features.cached_tokens(BACKBONE, dataset, options=extraction.ExtractOptions(progress=False),
+                                           directory=args.cache)
             features.extract_blocks = extract
             mean = entry.mean_patches
             out["mean_finite"] = bool(torch.isfinite(mean).all())

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from selagg_utils import SelaggError, config  # noqa: E402
 from selagg_utils.data import load_dataset  # noqa: E402
+from selagg_utils.extraction import ExtractOptions  # noqa: E402
 from selagg_utils.features import cached_tokens  # noqa: E402
 from selagg_utils.models import load_backbone, tiny_checkpoint_path  # noqa: E402
 from selagg_utils.probing import ProbeRecipe, fit_stack, probe_accuracy, probe_head  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def load_entries() -> None:
         for split, dataset in (("train", train_set), ("test", test_set)):
-            entries[split] = cached_tokens(name, dataset, batch_size=S.batch_size, device=device, progress=False)
+            entries[split] = cached_tokens(name, dataset, options=ExtractOptions(S.batch_size, device, progress=False))
 
     load_s = seconds(load_entries, device)
     train, test = entries["train"], entries["test"]

@@ -74,14 +74,28 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- extraction
-def extraction_run(backbone: str, dataset: str, split: str, n_images: int, processes: int, out: Path,
-                   shard_size: int, batch_size: int) -> dict:
+@dataclass(frozen=True)
+class ExtractionCase:
+    """One extraction to measure: its label (also the stores' folder name), the backbone and `load_dataset` names,
+    the split, how many images, and images per shard and per forward pass."""
+
+    label: str
+    backbone: str
+    dataset: str
+    split: str
+    n_images: int
+    shard_size: int
+    batch_size: int
+
+
+def extraction_run(case: ExtractionCase, processes: int, out: Path) -> dict:
     """The JSON report of one `extract_tokens.py` run under torchrun with `processes` processes (gloo)."""
     report = out.with_suffix(".json")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(ROOT / "scripts" / "extract_tokens.py"), "--backbone", backbone, "--dataset", dataset,
-               "--split", split, "--out", str(out), "--max-images", str(n_images), "--shard-size", str(shard_size),
-               "--batch-size", str(batch_size), "--backend", "gloo", "--report", str(report)]
+               str(ROOT / "scripts" / "extract_tokens.py"), "--backbone", case.backbone, "--dataset", case.dataset,
+               "--split", case.split, "--out", str(out), "--max-images", str(case.n_images),
+               "--shard-size", str(case.shard_size), "--batch-size", str(case.batch_size), "--backend", "gloo",
+               "--report", str(report)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     run = subprocess.run(command, env=env, capture_output=True, text=True)
     if run.returncode != 0:
@@ -90,14 +104,14 @@ def extraction_run(backbone: str, dataset: str, split: str, n_images: int, proce
     return json.loads(report.read_text())
 
 
-def extraction_rows(backbone: str, dataset: str, split: str, n_images: int, processes: list[int], work: Path,
-                    shard_size: int, batch_size: int, label: str) -> list[Row]:
-    """Extraction images/s with each number of processes, and each one's ratio to the first."""
+def extraction_rows(case: ExtractionCase, processes: list[int], work: Path) -> list[Row]:
+    """Extraction images/s with each number of processes (stores in work/<label>-<processes>), and each one's ratio
+    to the first."""
     rows = []
     for p in processes:
-        got = extraction_run(backbone, dataset, split, n_images, p, work / f"{label}-{p}", shard_size, batch_size)
-        rows.append(Row("extract", f"{label} ({got['images']} images, shards of {shard_size})", p, got["extracted"],
-                        got["seconds"], got["extracted"] / got["seconds"]))
+        got = extraction_run(case, p, work / f"{case.label}-{p}")
+        rows.append(Row("extract", f"{case.label} ({got['images']} images, shards of {case.shard_size})", p,
+                        got["extracted"], got["seconds"], got["extracted"] / got["seconds"]))
     for row in rows:
         row.ratio, row.versus = row.images_per_s / rows[0].images_per_s, f"{rows[0].processes} process"
     return rows
@@ -131,11 +145,11 @@ def probe_rows(images: int, num_tokens: int, dim: int, processes: list[int], lab
 
 def probe_worker(images: int, num_tokens: int, dim: int) -> int:
     """One process of `probe_epoch_run`: the first prints the row as JSON."""
-    from selagg_utils.ddp_probing import bench_probe_epoch
+    from selagg_utils.ddp_probing import ProbeProblem, bench_probe_epoch
     from selagg_utils.distributed import process_group
 
     with process_group("gloo") as info:
-        row = bench_probe_epoch("abmilp", images=images, num_tokens=num_tokens, dim=dim, info=info)
+        row = bench_probe_epoch("abmilp", ProbeProblem(images=images, num_tokens=num_tokens, dim=dim))
         if info.is_main:
             print(json.dumps(row))
     return 0
@@ -255,14 +269,14 @@ def sections(args: argparse.Namespace, work: Path) -> list[Callable[[], list[Row
     """The measurements to run, in order; each returns its rows."""
     from selagg_utils.rehearsal import fake_imagenette
 
-    todo = [lambda: extraction_rows("tiny-mae", "cluttered-digits", "train", args.tiny_images, args.processes, work,
-                                    args.shard_size, 64, "tiny-mae")]
+    tiny = ExtractionCase("tiny-mae", "tiny-mae", "cluttered-digits", "train", args.tiny_images, args.shard_size, 64)
+    todo = [lambda: extraction_rows(tiny, args.processes, work)]
     if not args.skip_vit and args.vit_images > 0:
         per_class = -(-args.vit_images // 9) + 1  # the folder's train split keeps 90% of its images
         root = fake_imagenette(work / "fake", train_per_class=per_class, val_per_class=1)
         folder = f"imagefolder:{root / 'imagenette2-160'}"
-        todo.append(lambda: extraction_rows(VIT, folder, "train", args.vit_images, args.processes, work, 8, 8,
-                                            "ViT-B/16 random, 224 px"))
+        vit = ExtractionCase("ViT-B/16 random, 224 px", VIT, folder, "train", args.vit_images, 8, 8)
+        todo.append(lambda: extraction_rows(vit, args.processes, work))
         for dtype in ("float16", "int8"):
             todo.append(lambda dtype=dtype: read_rows(
                 synthetic_store(work / f"read-{dtype}", args.read_images, 197, 768, args.shard_size, dtype, (14, 14)),

@@ -72,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from selagg_utils.distributed import process_group
-        from selagg_utils.shards import extract_to_store
+        from selagg_utils.extraction import ExtractOptions
+        from selagg_utils.shards import StoreOptions, extract_to_store
 
         with process_group(args.backend) as info:
             dataset = split_dataset(args.backbone, args.dataset, args.split, args.max_images)
             start = time.perf_counter()
-            store = extract_to_store(args.backbone, dataset, args.out, block=args.block, shard_size=args.shard_size,
-                                     dtype=args.dtype, batch_size=args.batch_size, info=info, split=args.split)
+            store = extract_to_store(args.backbone, dataset, args.out, block=args.block,
+                                     store=StoreOptions(args.shard_size, args.dtype, args.split),
+                                     options=ExtractOptions(args.batch_size, info.device))
             seconds = time.perf_counter() - start
             if info.is_main:
                 n_now = sum(store.shards[i]["stop"] - store.shards[i]["start"] for i in store.extracted)

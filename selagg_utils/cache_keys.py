@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .checkpoints import temporary_prefix
 from .checks import tensors_digest, update_digest
 from .errors import SelaggError
-from .extraction import compute_precision
+from .extraction import compute_precision, process_device
 from .models import resolve_backbone, token_layout
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_dir", "writable_folder", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
@@ -194,10 +194,10 @@ def pooled_key(identity: dict, block: int | str, norm: bool, compute: str = "flo
 
 def cache_key(backbone: str | os.PathLike, dataset: Dataset, block: int | str, norm: bool,
               model: torch.nn.Module | None = None, data_key: str | None = None,
-              device: str | torch.device = "cpu") -> dict:
-    """The full key of a cache entry."""
+              device: str | torch.device | None = None) -> dict:
+    """The full key of a cache entry (device None: this process's, as `features.cached_tokens` keys it)."""
     return entry_key({**backbone_identity(backbone, model), **dataset_identity(dataset, data_key)}, block, norm,
-                     compute_precision(device))
+                     compute_precision(process_device(device)))
 
 
 def key_digest(key: dict) -> str:

@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 
 from .checkpoints import load_checkpoint, sub_state
 from .errors import SelaggError
+from .extraction import ExtractOptions
 from .features import pooled_features
 from .models import tiny_checkpoint_path, tiny_vit
 from .pretrain import MaskedAutoencoder, hidden_patch_mse, mean_fill_baseline
@@ -20,7 +21,7 @@ def probe_report(name: str, train: Dataset, test: Dataset, device: str | torch.d
     The features are pooled batch by batch and cached (`features.pooled_features`): no split's tokens
     are ever held in memory, which matters at full scale.
     """
-    tr, te = (pooled_features(name, split, device=device) for split in (train, test))
+    tr, te = (pooled_features(name, split, options=ExtractOptions(device=device)) for split in (train, test))
     if tr.cls is None:
         raise SelaggError(f"{name} has no [cls] token, so this report's [cls] probes cannot run; compare its "
                           "mean-pooled features (features.pooled_features) instead.")

@@ -21,29 +21,56 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_finite_items, notice, whole_number
 from .devices import half_dtype
+from .distributed import current_process
 from .errors import SelaggError
 from .models import TokenLayout, token_layout
 from .progress import progress_bar
 from .token_store import EntryFile
 
-__all__ = ["ExtractOptions", "extract_tokens", "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens",
-           "compute_precision", "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
+__all__ = ["ExtractOptions", "process_device", "resolved_options", "float16_options", "extract_tokens",
+           "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens", "compute_precision",
+           "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
 
 _REPAIR = "remove or repair it, or pass a dataset without it"
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """How a backbone runs over a dataset: images per forward pass, the device, whether the last block's tokens go
-    through the final norm, a progress bar, the dtype the tokens are kept in, and loader processes (None: 0 on a
-    CPU, up to 4 on CUDA)."""
+    """How a backbone runs over a dataset: images per forward pass, the device (None: this process's, see
+    `process_device`), whether the last block's tokens go through the final norm, a progress bar, the dtype the
+    tokens are kept in, and loader processes (None: 0 on a CPU, up to 4 on CUDA)."""
 
     batch_size: int = 256
-    device: str | torch.device = "cpu"
+    device: str | torch.device | None = None
     norm: bool = True
     progress: bool = True
     dtype: torch.dtype = torch.float16
     num_workers: int | None = None
+
+
+def process_device(device: str | torch.device | None = None) -> str | torch.device:
+    """`device`, or this process's when None (`distributed.current_process`: the CPU outside torchrun,
+    cuda:LOCAL_RANK under NCCL); the one place a device None is resolved."""
+    return current_process().device if device is None else device
+
+
+def resolved_options(options: ExtractOptions | None = None) -> ExtractOptions:
+    """The options to run with: ExtractOptions() for None, and device None replaced by this process's device."""
+    options = ExtractOptions() if options is None else options
+    if not isinstance(options, ExtractOptions):
+        raise SelaggError(f"options must be an extraction.ExtractOptions, got a {type(options).__name__}; pass e.g. "
+                          "ExtractOptions(batch_size=64, progress=False), or None for the defaults.")
+    return options if options.device is not None else replace(options, device=process_device())
+
+
+def float16_options(options: ExtractOptions | None, where: str) -> ExtractOptions:
+    """The options resolved, refusing a dtype other than float16 for a place (`where`) that keeps float16 tokens."""
+    options = resolved_options(options)
+    if options.dtype != torch.float16:
+        raise SelaggError(f"{where} keeps float16 tokens, so options.dtype={options.dtype} cannot be honoured; leave "
+                          "ExtractOptions.dtype at torch.float16, or call extraction.extract_blocks for tokens in "
+                          "another dtype.")
+    return options
 
 
 @torch.inference_mode()
@@ -124,6 +151,7 @@ def token_batches(model: VisionTransformer, dataset: Dataset, blocks: list[int |
 
     The forward pass runs under `torch.autocast` with the device's half precision (none on a CPU).
     """
+    options = resolved_options(options)
     batch_size, device, dtype = options.batch_size, options.device, options.dtype
     check_extraction_inputs(dataset, batch_size)
     model.eval().to(device)

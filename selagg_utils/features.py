@@ -31,12 +31,12 @@ from .cache_keys import (CACHE_ENV, backbone_identity, check_disk_space, dataset
                          key_text, pooled_entry_bytes, pooled_key, token_entry_bytes, token_shape,
                          writable_cache_dir)
 from .checkpoints import remove_orphaned_temporaries
-from .checks import notice
+from .checks import notice, whole_number
 from .data import load_split
 from .entry_locks import entries_locked, remove_stale_locks
 from .errors import SelaggError
 from .extraction import (EntrySink, ExtractOptions, check_extraction_inputs, compute_precision, extract_blocks,
-                         extract_pooled, loader_workers)
+                         extract_pooled, float16_options, loader_workers)
 from .models import TokenLayout, data_config, load_backbone, token_layout
 from .token_store import DamagedEntry, EntryFile, read_entry
 
@@ -234,77 +234,90 @@ def cached_entries(paths: list[Path], keys: list[dict], directory: str | os.Path
 
 
 def cached_blocks(backbone: str | os.PathLike, dataset: Dataset, blocks: list[int | None] | None = None,
-                  norm: bool = True, batch_size: int = 256, device: str | torch.device = "cpu",
-                  directory: str | os.PathLike | None = None, progress: bool = True,
-                  model: VisionTransformer | None = None, data_key: str | None = None,
-                  num_workers: int | None = None) -> list[TokenSet]:
+                  options: ExtractOptions | None = None, *, directory: str | os.PathLike | None = None,
+                  model: VisionTransformer | None = None, data_key: str | None = None) -> list[TokenSet]:
     """Tokens after each block (None = the last block, after the final norm), extracting only what is not cached.
 
-    `model` replaces the weights `backbone` names (the key then holds the digest of its weights);
-    `data_key` names the dataset's content when the caller wants to skip digesting it; `num_workers`
-    loader processes read the images (None: 0 on a CPU, up to 4 on CUDA).
+    `options` (None: `ExtractOptions()`) say how the backbone runs; the cache keeps float16 tokens, so
+    another `options.dtype` is refused. `model` replaces the weights `backbone` names (the key then
+    holds the digest of its weights); `data_key` names the dataset's content when the caller wants to
+    skip digesting it.
     """
-    check_extraction_inputs(dataset, batch_size)
-    loader_workers(num_workers, device)
-    blocks = [None] if blocks is None else list(blocks)
+    options = checked_options(options, dataset)
+    blocks = checked_blocks([None] if blocks is None else list(blocks))
     identity = {**backbone_identity(backbone, model), **dataset_identity(dataset, data_key)}
-    compute = compute_precision(device)
-    keys = [entry_key(identity, "last" if b is None else b, True if b is None else norm, compute) for b in blocks]
+    compute = compute_precision(options.device)
+    keys = [entry_key(identity, "last" if b is None else b, True if b is None else options.norm, compute)
+            for b in blocks]
     paths = [entry_path(k, directory) for k in keys]
 
     def extract(missing: list[int], folder: Path) -> list[TokenSet]:
-        net = model if model is not None else load_backbone(backbone, device=device)
+        net = model if model is not None else load_backbone(backbone, device=options.device)
         check_disk_space(folder, len(missing) * token_entry_bytes(len(dataset), *token_shape(net)))
         layout = token_layout(net)
         sinks = [EntrySink(paths[i], token_meta(keys[i], layout), len(dataset)) for i in missing]
-        options = ExtractOptions(batch_size, device, norm, progress, num_workers=num_workers)
         tokens, labels = extract_blocks(net, dataset, [blocks[i] for i in missing], options, into=sinks)
         return [TokenSet(t, labels, layout, keys[i]) for i, t in zip(missing, tokens)]
 
     return cached_entries(paths, keys, directory, extract)
 
 
-def cached_tokens(backbone: str | os.PathLike, dataset: Dataset, block: int | None = None, norm: bool = True,
-                  batch_size: int = 256, device: str | torch.device = "cpu", directory: str | os.PathLike | None = None,
-                  progress: bool = True, model: VisionTransformer | None = None,
-                  data_key: str | None = None, num_workers: int | None = None) -> TokenSet:
+def checked_options(options: ExtractOptions | None, dataset: Dataset) -> ExtractOptions:
+    """The cache's options resolved (device included), checked with the dataset before any work."""
+    options = float16_options(options, "The feature cache")
+    check_extraction_inputs(dataset, options.batch_size)
+    loader_workers(options.num_workers, options.device)
+    return options
+
+
+def checked_blocks(blocks: list) -> list[int | None]:
+    """The blocks when each is a whole number or None (the options passed where a block goes, say, refused)."""
+    for b in blocks:
+        if b is not None:
+            whole_number(b, "block", 1, "pass a block number (1 = the first), None for the last block after the "
+                                        "final norm, and the extraction options as options=ExtractOptions(...)")
+    return blocks
+
+
+def cached_tokens(backbone: str | os.PathLike, dataset: Dataset, block: int | None = None,
+                  options: ExtractOptions | None = None, *, directory: str | os.PathLike | None = None,
+                  model: VisionTransformer | None = None, data_key: str | None = None) -> TokenSet:
     """Tokens of one block (None = last block after the final norm), from the cache or extracted and cached."""
-    return cached_blocks(backbone, dataset, [block], norm, batch_size, device, directory, progress, model,
-                         data_key, num_workers)[0]
+    return cached_blocks(backbone, dataset, [block], options, directory=directory, model=model,
+                         data_key=data_key)[0]
 
 
-def split_tokens(settings, name: str, split: str, device: str | torch.device = "cpu") -> TokenSet:
+def split_tokens(settings, name: str, split: str, device: str | torch.device | None = None) -> TokenSet:
     """Last-block tokens of backbone `name` on one split of a scale's dataset (a config.ScaleSettings), with the
-    images read as the backbone's checkpoint expects them: from the cache, extracted on first use."""
+    images read as the backbone's checkpoint expects them: from the cache, extracted on first use (device None:
+    this process's)."""
     dataset = load_split(settings, split, data_config(name))
-    return cached_tokens(name, dataset, batch_size=settings.batch_size, device=device)
+    return cached_tokens(name, dataset, options=ExtractOptions(batch_size=settings.batch_size, device=device))
 
 
-def pooled_features(backbone: str | os.PathLike, dataset: Dataset, block: int | None = None, norm: bool = True,
-                    batch_size: int = 256, device: str | torch.device = "cpu",
-                    directory: str | os.PathLike | None = None, progress: bool = True,
-                    model: VisionTransformer | None = None, data_key: str | None = None,
-                    num_workers: int | None = None) -> PooledFeatures:
+def pooled_features(backbone: str | os.PathLike, dataset: Dataset, block: int | None = None,
+                    options: ExtractOptions | None = None, *, directory: str | os.PathLike | None = None,
+                    model: VisionTransformer | None = None, data_key: str | None = None) -> PooledFeatures:
     """[cls] (None without one) and mean of the patch tokens, (N, D) float32, and labels: cached, never the tokens.
 
     The patch mean leaves out the [cls] and register tokens (the model's `num_prefix_tokens`); both
-    are pooled from the float16 tokens, so they equal `.cls` and `.mean_patches` of `cached_tokens`.
+    are pooled from the float16 tokens, so they equal `.cls` and `.mean_patches` of `cached_tokens`
+    (another `options.dtype` is refused).
     """
-    check_extraction_inputs(dataset, batch_size)
-    loader_workers(num_workers, device)
+    options = checked_options(options, dataset)
+    checked_blocks([block])
     identity = {**backbone_identity(backbone, model), **dataset_identity(dataset, data_key)}
-    key = pooled_key(identity, "last" if block is None else block, True if block is None else norm,
-                     compute_precision(device))
+    key = pooled_key(identity, "last" if block is None else block, True if block is None else options.norm,
+                     compute_precision(options.device))
     path = entry_path(key, directory)
 
     def extract(missing: list[int], folder: Path) -> list[PooledFeatures]:
-        net = model if model is not None else load_backbone(backbone, device=device)
+        net = model if model is not None else load_backbone(backbone, device=options.device)
         layout = token_layout(net)
         check_disk_space(folder, pooled_entry_bytes(len(dataset), token_shape(net)[1], layout.has_cls))
         meta = token_meta(key, layout)
         sink = EntrySink(path, meta, len(dataset), what="pooled features")
-        held = extract_pooled(net, dataset, block, ExtractOptions(batch_size, device, norm, progress,
-                                                                  num_workers=num_workers), into=sink)
+        held = extract_pooled(net, dataset, block, options, into=sink)
         return [PooledFeatures(held.get("cls"), held["mean"], held["labels"], key)]
 
     return cached_entries([path], [key], directory, extract, load=load_pooled)[0]

@@ -20,15 +20,16 @@ from torch.utils.data import Dataset, Subset
 
 from .cache_keys import backbone_identity, dataset_identity, key_digest, size_text, writable_folder
 from .checkpoints import sha256_of, temporary_prefix
+from .checks import whole_number
 from .errors import SelaggError
-from .extraction import compute_precision
+from .extraction import ExtractOptions, compute_precision, resolved_options
 from .models import TokenLayout
 
-__all__ = ["STORE_FORMAT", "STORED_DTYPES", "INDEX_NAME", "store_identity", "identity_difference", "shard_ranges",
-           "shard_name", "sidecar_name", "quantized", "dequantized", "layout_record", "recorded_layout",
-           "write_shard", "complete_shard", "check_folder", "index_from_sidecars", "ShardHeader", "shard_header",
-           "mapped_tensors", "atomic_write", "check_disk_room", "shard_bytes", "read_json", "file_stamp",
-           "remember_verified", "VERIFIED", "SHARD_META", "DEQUANTISE_BYTES", "REDO"]
+__all__ = ["STORE_FORMAT", "STORED_DTYPES", "INDEX_NAME", "StoreOptions", "checked_store", "store_identity",
+           "identity_difference", "shard_ranges", "shard_name", "sidecar_name", "quantized", "dequantized",
+           "layout_record", "recorded_layout", "write_shard", "complete_shard", "check_folder", "index_from_sidecars",
+           "ShardHeader", "shard_header", "mapped_tensors", "atomic_write", "check_disk_room", "shard_bytes",
+           "read_json", "file_stamp", "remember_verified", "VERIFIED", "SHARD_META", "DEQUANTISE_BYTES", "REDO"]
 
 STORE_FORMAT = 1
 STORED_DTYPES = ("float16", "int8")
@@ -56,7 +57,37 @@ def recorded_layout(record: dict) -> TokenLayout:
     return TokenLayout(has_cls, int(record["num_prefix_tokens"]) - int(has_cls), tuple(record["grid_size"]))
 
 
-# ----------------------------------------------------------------------------- names and identity
+# ----------------------------------------------------------------------------- options, names and identity
+@dataclass(frozen=True)
+class StoreOptions:
+    """How a store keeps a split's tokens: images per shard file, 'float16' or 'int8' tokens (one float16 scale per
+    token), and the split name recorded in its identity (None: the dataset's own)."""
+
+    shard_size: int = 1024
+    dtype: str = "float16"
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a shard size, stored dtype or split name the store cannot use, before any work."""
+        size = whole_number(self.shard_size, "shard_size", 1, "pass the number of images per shard file, e.g. 1024")
+        object.__setattr__(self, "shard_size", size)  # a plain int, as the index writes it
+        if self.dtype not in STORED_DTYPES:
+            raise SelaggError(f"dtype={self.dtype!r} is not a stored token type; choose 'float16' or 'int8' (8-bit "
+                              "tokens with one float16 scale per token, half the bytes).")
+        if self.split is not None and not isinstance(self.split, str):
+            raise SelaggError(f"split={self.split!r} is not a split name; pass a string such as 'train', or None "
+                              "for the dataset's own.")
+
+
+def checked_store(store: StoreOptions | None) -> StoreOptions:
+    """StoreOptions() for None; a SelaggError for anything but a StoreOptions."""
+    store = StoreOptions() if store is None else store
+    if not isinstance(store, StoreOptions):
+        raise SelaggError(f"store must be a shard_files.StoreOptions, got a {type(store).__name__}; pass e.g. "
+                          "StoreOptions(shard_size=1024, dtype='int8'), or None for the defaults.")
+    return store
+
+
 def shard_name(i: int) -> str:
     """The file name of shard i."""
     return f"shard-{i:05d}.safetensors"
@@ -80,15 +111,19 @@ def split_of(dataset: Dataset) -> str | None:
     return split if isinstance(split, str) else None
 
 
-def store_identity(backbone: str | os.PathLike, dataset: Dataset, *, block: int | None = None, norm: bool = True,
-                   dtype: str = "float16", device: str | torch.device = "cpu", split: str | None = None,
+def store_identity(backbone: str | os.PathLike, dataset: Dataset, *, block: int | None = None,
+                   store: StoreOptions | None = None, options: ExtractOptions | None = None,
                    model: torch.nn.Module | None = None) -> dict:
     """What determines a store's tokens: weights, dataset content and transform, split, block, norm, forward
-    precision, stored dtype and format (block None = the last block after the final norm)."""
+    precision, stored dtype and format (block None = the last block after the final norm; norm and device from
+    `options`, dtype and split from `store`)."""
+    store = checked_store(store)
+    options = resolved_options(options)
     return plain({"format": STORE_FORMAT, "backbone": backbone_identity(backbone, model),
-                  "dataset": dataset_identity(dataset), "split": split if split is not None else split_of(dataset),
-                  "block": "last" if block is None else block, "norm": True if block is None else bool(norm),
-                  "compute": compute_precision(device), "dtype": dtype})
+                  "dataset": dataset_identity(dataset),
+                  "split": store.split if store.split is not None else split_of(dataset),
+                  "block": "last" if block is None else block, "norm": True if block is None else bool(options.norm),
+                  "compute": compute_precision(options.device), "dtype": store.dtype})
 
 
 def plain(value: dict) -> dict:

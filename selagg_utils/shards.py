@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,46 +31,39 @@ from torch.utils.data import Dataset, Subset
 from .cache_keys import key_digest, size_text, token_shape
 from .checkpoints import remove_orphaned_temporaries, sha256_of
 from .checks import whole_number
-from .distributed import ProcessInfo, barrier, current_process, gathered_objects
+from .distributed import barrier, current_process, gathered_objects
 from .errors import SelaggError
-from .extraction import ExtractOptions, check_extraction_inputs, extract_blocks
+from .extraction import ExtractOptions, check_extraction_inputs, extract_blocks, float16_options
 from .features import TokenSet
 from .models import load_backbone, token_layout
 from .progress import progress_bar
 from .shard_files import (DEQUANTISE_BYTES, INDEX_NAME, REDO, SHARD_META, STORE_FORMAT, STORED_DTYPES, VERIFIED,
-                          ShardHeader, atomic_write, check_disk_room, check_folder, complete_shard, dequantized,
-                          file_stamp, identity_difference, index_from_sidecars, mapped_tensors, read_json,
-                          recorded_layout, remember_verified, shard_bytes, shard_header, shard_name, shard_ranges,
-                          sidecar_name, store_identity, write_shard)
+                          ShardHeader, StoreOptions, atomic_write, check_disk_room, check_folder, checked_store,
+                          complete_shard, dequantized, file_stamp, identity_difference, index_from_sidecars,
+                          mapped_tensors, read_json, recorded_layout, remember_verified, shard_bytes, shard_header,
+                          shard_name, shard_ranges, sidecar_name, store_identity, write_shard)
 
-__all__ = ["TokenStore", "extract_to_store"]
-
+__all__ = ["TokenStore", "extract_to_store", "StoreOptions"]
 
 
 def extract_to_store(backbone: str | os.PathLike, dataset: Dataset, out: str | os.PathLike, *,
-                     block: int | None = None, shard_size: int = 1024, dtype: str = "float16",
-                     batch_size: int = 256, device: str | torch.device | None = None,
-                     info: ProcessInfo | None = None, norm: bool = True, split: str | None = None,
-                     model: torch.nn.Module | None = None, progress: bool = True,
-                     on_shard: Callable[[int], None] | None = None) -> TokenStore:
+                     block: int | None = None, store: StoreOptions | None = None,
+                     options: ExtractOptions | None = None, model: torch.nn.Module | None = None) -> TokenStore:
     """Extract a split's tokens into a sharded store, this process taking its share of the missing shards.
 
     Every process of the group calls it with the same arguments; each returns the finished store.
-    `model` replaces the weights `backbone` names; `on_shard(i)` is called after shard i is written.
+    `store` (None: `StoreOptions()`) sets the shard size, stored dtype and split name; `options` (None:
+    `ExtractOptions()`, on this process's device) how the backbone runs, its progress bar counting shards
+    on the main process; `model` replaces the weights `backbone` names.
     """
-
-    info = info if info is not None else current_process()
-    device = torch.device(device) if device is not None else info.device
-    shard_size = whole_number(shard_size, "shard_size", 1, "pass the number of images per shard file, e.g. 1024")
-    if dtype not in STORED_DTYPES:
-        raise SelaggError(f"dtype={dtype!r} is not a stored token type; choose 'float16' or 'int8' (8-bit tokens "
-                          "with one float16 scale per token, half the bytes).")
-    check_extraction_inputs(dataset, batch_size)
+    info = current_process()
+    store = checked_store(store)
+    options = float16_options(options, "A token store")  # stored as store.dtype: float16, or int8 from float16
+    check_extraction_inputs(dataset, options.batch_size)
     folder = Path(out)
-    identity = store_identity(backbone, dataset, block=block, norm=norm, dtype=dtype, device=device, split=split,
-                              model=model)
-    ranges = shard_ranges(len(dataset), shard_size)
-    check_folder(folder, identity, ranges, shard_size)
+    identity = store_identity(backbone, dataset, block=block, store=store, options=options, model=model)
+    ranges = shard_ranges(len(dataset), store.shard_size)
+    check_folder(folder, identity, ranges, store.shard_size)
     remove_orphaned_temporaries(folder)
     digest = key_digest(identity)
     mine = range(info.rank, len(ranges), info.world_size)
@@ -78,25 +71,23 @@ def extract_to_store(backbone: str | os.PathLike, dataset: Dataset, out: str | o
     missing = sorted(i for part in gathered_objects(unfinished) for i in part)
     todo = missing[info.rank::info.world_size]  # the missing shards, shared out again: balanced on a resume
     if todo:
-        net = model if model is not None else load_backbone(backbone, device=device)
+        net = model if model is not None else load_backbone(backbone, device=options.device)
         n_tokens, width = token_shape(net)  # room for every missing shard: the ranks share one folder
-        check_disk_room(folder, sum(shard_bytes(ranges[i][1] - ranges[i][0], n_tokens, width, dtype) for i in missing))
-        layout = token_layout(net)
-        for i in progress_bar(todo, enabled=progress and info.is_main, desc="extracting shards"):
-            subset = Subset(dataset, range(*ranges[i]))
-            tokens, labels = extract_blocks(net, subset, [block], ExtractOptions(batch_size, device, norm, progress=False))
+        check_disk_room(folder, sum(shard_bytes(ranges[i][1] - ranges[i][0], n_tokens, width, store.dtype)
+                                    for i in missing))
+        layout, quiet = token_layout(net), replace(options, progress=False)
+        for i in progress_bar(todo, enabled=options.progress and info.is_main, desc="extracting shards"):
+            tokens, labels = extract_blocks(net, Subset(dataset, range(*ranges[i])), [block], quiet)
             write_shard(folder, i, ranges[i], tokens[0], labels, identity, layout)
-            if on_shard is not None:
-                on_shard(i)
     barrier()
     if info.is_main:
-        index = index_from_sidecars(folder, identity, ranges, shard_size)
+        index = index_from_sidecars(folder, identity, ranges, store.shard_size)
         text = json.dumps(index, indent=1) + "\n"
         atomic_write(folder / INDEX_NAME, lambda tmp: Path(tmp).write_text(text))
     barrier()
-    store = TokenStore(folder, expect=identity)
-    store.extracted = tuple(missing)
-    return store
+    finished = TokenStore(folder, expect=identity)
+    finished.extracted = tuple(missing)
+    return finished
 
 
 class TokenStore:

@@ -13,7 +13,10 @@ from selagg_utils import SelaggError, cache_keys, token_store
 from selagg_utils import features as feat
 from selagg_utils.checkpoints import host_tag
 from selagg_utils.data import ClutteredDigits, load_dataset
+from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import load_backbone
+
+QUIET = ExtractOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +37,24 @@ def no_extraction(monkeypatch):
 def test_two_tensor_datasets_of_one_length_do_not_share_an_entry(cache, data):
     first = torch.utils.data.TensorDataset(data.images, data.labels)
     second = torch.utils.data.TensorDataset(data.images.flip(-1), (data.labels + 1) % 10)
-    a = feat.cached_tokens("tiny-random", first, progress=False)
-    b = feat.cached_tokens("tiny-random", second, progress=False)
+    a = feat.cached_tokens("tiny-random", first, options=QUIET)
+    b = feat.cached_tokens("tiny-random", second, options=QUIET)
     assert torch.equal(b.labels, second.tensors[1]) and not torch.equal(a.tokens, b.tokens)
 
 
 def test_subsets_of_two_splits_with_the_same_indices_do_not_share_an_entry(cache):
     val = load_dataset("cluttered-digits", "val", n_images=12, seed=0)
     test = load_dataset("cluttered-digits", "test", n_images=12, seed=0)
-    a = feat.cached_tokens("tiny-random", torch.utils.data.Subset(val, range(6)), progress=False)
-    b = feat.cached_tokens("tiny-random", torch.utils.data.Subset(test, range(6)), progress=False)
+    a = feat.cached_tokens("tiny-random", torch.utils.data.Subset(val, range(6)), options=QUIET)
+    b = feat.cached_tokens("tiny-random", torch.utils.data.Subset(test, range(6)), options=QUIET)
     assert torch.equal(b.labels, test.labels[:6]) and not torch.equal(a.tokens, b.tokens)
 
 
 def test_a_dataset_built_by_hand_under_a_recipe_does_not_reuse_the_recipes_entry(cache, data):
-    feat.cached_tokens("tiny-random", data, progress=False)
+    feat.cached_tokens("tiny-random", data, options=QUIET)
     forged = ClutteredDigits(data.images.flip(-2), data.labels.flip(0), data.object_masks, data.split, data.seed)
     assert forged.key == data.key
-    got = feat.cached_tokens("tiny-random", forged, progress=False)
+    got = feat.cached_tokens("tiny-random", forged, options=QUIET)
     assert torch.equal(got.labels, forged.labels)
 
 
@@ -69,21 +72,21 @@ class Items(torch.utils.data.Dataset):
 
 
 def test_plain_datasets_are_keyed_by_their_items_or_by_the_callers_key(cache, data):
-    a = feat.cached_tokens("tiny-random", Items(data.images, data.labels), progress=False)
-    b = feat.cached_tokens("tiny-random", Items(data.images * 0.5, data.labels), progress=False)
+    a = feat.cached_tokens("tiny-random", Items(data.images, data.labels), options=QUIET)
+    b = feat.cached_tokens("tiny-random", Items(data.images * 0.5, data.labels), options=QUIET)
     assert not torch.equal(a.tokens, b.tokens)
-    named = feat.cached_tokens("tiny-random", Items(data.images, data.labels), progress=False, data_key="val-12")
+    named = feat.cached_tokens("tiny-random", Items(data.images, data.labels), options=QUIET, data_key="val-12")
     assert named.key["data"] == {"caller_key": "val-12", "n_images": 12}
     with pytest.raises(SelaggError, match="data_key=''"):
-        feat.cached_tokens("tiny-random", data, data_key="", progress=False)
+        feat.cached_tokens("tiny-random", data, options=QUIET, data_key="")
 
 
 def test_a_model_passed_in_is_keyed_by_its_own_weights(cache, data, model):
     other = load_backbone("tiny-mae")
-    under_random_name = feat.cached_tokens("tiny-random", data, model=other, progress=False)
-    by_name = feat.cached_tokens("tiny-random", data, progress=False)
+    under_random_name = feat.cached_tokens("tiny-random", data, options=QUIET, model=other)
+    by_name = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert not torch.equal(under_random_name.tokens, by_name.tokens)
-    assert feat.cached_tokens("tiny-random", data, model=model, progress=False).key["state_sha256"] == \
+    assert feat.cached_tokens("tiny-random", data, options=QUIET, model=model).key["state_sha256"] == \
         cache_keys.state_digest(load_backbone("tiny-random"))
 
 
@@ -106,13 +109,13 @@ def test_random_timm_weights_are_the_same_every_time():
 
 # ----------------------------------------------------------------------------- integrity
 def test_a_changed_entry_is_extracted_again_with_one_line(cache, data, capsys):
-    first = feat.cached_tokens("tiny-random", data, progress=False)
+    first = feat.cached_tokens("tiny-random", data, options=QUIET)
     expected = first.tokens.clone()  # loaded tokens map the file, and this test changes the file in place
     path = cache_keys.entry_path(first.key)
     raw = bytearray(path.read_bytes())
     raw[-100] ^= 0x40  # one bit of one token
     path.write_bytes(bytes(raw))
-    again = feat.cached_tokens("tiny-random", data, progress=False)
+    again = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert torch.equal(again.tokens, expected)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checksum does not match" in err
@@ -120,29 +123,29 @@ def test_a_changed_entry_is_extracted_again_with_one_line(cache, data, capsys):
 
 
 def test_a_truncated_entry_is_extracted_again(cache, data, capsys):
-    first = feat.cached_tokens("tiny-random", data, progress=False)
+    first = feat.cached_tokens("tiny-random", data, options=QUIET)
     expected = first.tokens.clone()  # the mapped pages of a truncated file cannot be read any more
     path = cache_keys.entry_path(first.key)
     path.write_bytes(path.read_bytes()[:1000])
-    again = feat.cached_tokens("tiny-random", data, progress=False)
+    again = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert torch.equal(again.tokens, expected)
     assert f"The cache entry {path} is damaged (unreadable" in capsys.readouterr().err
 
 
 def test_an_intact_entry_of_another_request_is_refused_naming_the_file(cache, data):
     other = load_dataset("cluttered-digits", "val", n_images=6, seed=0)
-    a = feat.cached_tokens("tiny-random", data, progress=False)
-    b = feat.cached_tokens("tiny-random", other, progress=False)
+    a = feat.cached_tokens("tiny-random", data, options=QUIET)
+    b = feat.cached_tokens("tiny-random", other, options=QUIET)
     os.replace(cache_keys.entry_path(b.key), cache_keys.entry_path(a.key))
     with pytest.raises(SelaggError, match=f"{cache_keys.entry_path(a.key)} holds the tokens of another request"):
-        feat.cached_tokens("tiny-random", data, progress=False)
+        feat.cached_tokens("tiny-random", data, options=QUIET)
 
 
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory, data, model):
     """One intact entry: its path, bytes and tokens."""
     folder = tmp_path_factory.mktemp("genuine")
-    entry = feat.cached_tokens("tiny-random", data, directory=folder, model=model, progress=False)
+    entry = feat.cached_tokens("tiny-random", data, options=QUIET, directory=folder, model=model)
     path = cache_keys.entry_path(entry.key, folder)
     kept = feat.TokenSet(entry.tokens.clone(), entry.labels.clone(), entry.layout, entry.key)  # in memory: the test rewrites the mapped file in place
     return path, path.read_bytes(), kept
@@ -160,7 +163,7 @@ def test_damage_at_random_offsets_gives_the_right_tokens_or_the_sentence(genuine
         damaged = damaged[:cut % len(raw)]
     path.write_bytes(bytes(damaged))
     try:
-        got = feat.cached_tokens("tiny-random", data, directory=path.parent, model=model, progress=False)
+        got = feat.cached_tokens("tiny-random", data, options=QUIET, directory=path.parent, model=model)
     except SelaggError as err:  # a flip that turned it into a valid entry of another request
         assert str(path) in str(err) and "another request" in str(err)
     else:
@@ -174,9 +177,9 @@ def test_a_file_where_the_folder_should_be_is_refused_before_extraction(tmp_path
     blocker.write_text("not a folder")
     no_extraction(monkeypatch)
     with pytest.raises(SelaggError, match="is a file, not a folder"):
-        feat.cached_tokens("tiny-random", data, directory=blocker, progress=False)
+        feat.cached_tokens("tiny-random", data, options=QUIET, directory=blocker)
     with pytest.raises(SelaggError, match="cannot be written"):  # a folder below that file
-        feat.cached_tokens("tiny-random", data, directory=blocker / "sub", progress=False)
+        feat.cached_tokens("tiny-random", data, options=QUIET, directory=blocker / "sub")
 
 
 def read_only_folder(tmp_path: Path) -> Path:
@@ -195,7 +198,7 @@ def test_a_read_only_folder_is_refused_before_extraction(tmp_path, data, monkeyp
     folder = read_only_folder(tmp_path)
     no_extraction(monkeypatch)
     with pytest.raises(SelaggError, match="cannot be written"):
-        feat.cached_tokens("tiny-random", data, directory=folder, progress=False)
+        feat.cached_tokens("tiny-random", data, options=QUIET, directory=folder)
 
 
 @pytest.fixture
@@ -220,7 +223,7 @@ def file_size_limit():
 def test_a_disk_that_refuses_the_write_keeps_the_tokens(cache, data, file_size_limit, capsys):
     file_size_limit(50_000)  # the entry needs about 200 kB
     try:
-        got = feat.cached_tokens("tiny-random", data, progress=False)
+        got = feat.cached_tokens("tiny-random", data, options=QUIET)
     finally:
         file_size_limit(None)  # back to the usual limit before anything else is written
     assert torch.equal(got.labels, data.labels) and got.tokens.shape == (12, 65, 128)
@@ -232,7 +235,7 @@ def test_a_disk_that_refuses_the_file_halfway_keeps_every_token(cache, data, fil
         expected = load_backbone("tiny-random").forward_features(data.images).half()
     file_size_limit(100_000)  # room for the header, the labels and a batch and a half of tokens
     try:
-        got = feat.cached_tokens("tiny-random", data, batch_size=4, progress=False)
+        got = feat.cached_tokens("tiny-random", data, options=ExtractOptions(batch_size=4, progress=False))
     finally:
         file_size_limit(None)
     assert torch.equal(got.tokens, expected) and torch.equal(got.labels, data.labels)  # written part read back
@@ -247,7 +250,7 @@ def test_orphaned_temporary_files_are_removed_and_live_ones_kept(cache, data):
     foreign = cache / ".abc.safetensors.00000000-1.x3.tmp"  # another machine's, recent
     for f in (dead, live, foreign):
         f.write_bytes(b"partial")
-    feat.cached_tokens("tiny-random", data, progress=False)
+    feat.cached_tokens("tiny-random", data, options=QUIET)
     assert not dead.exists() and live.exists() and foreign.exists()
 
 
@@ -255,16 +258,16 @@ def test_non_finite_images_are_named_and_nothing_is_cached(cache, data):
     images = data.images.clone()
     images[7, 0, 3, 3] = float("nan")
     with pytest.raises(SelaggError, match="Image 7 contains NaN"):
-        feat.cached_tokens("tiny-random", torch.utils.data.TensorDataset(images, data.labels), batch_size=4,
-                           progress=False)
+        feat.cached_tokens("tiny-random", torch.utils.data.TensorDataset(images, data.labels),
+                           options=ExtractOptions(batch_size=4, progress=False))
     assert not list(cache.glob("*.safetensors"))
 
 
 def test_empty_datasets_and_bad_batch_sizes_are_refused(cache, data):
     with pytest.raises(SelaggError, match="holds no images"):
-        feat.cached_tokens("tiny-random", torch.utils.data.Subset(data, []), progress=False)
+        feat.cached_tokens("tiny-random", torch.utils.data.Subset(data, []), options=QUIET)
     with pytest.raises(SelaggError, match="batch_size=0"):
-        feat.cached_tokens("tiny-random", data, batch_size=0, progress=False)
+        feat.cached_tokens("tiny-random", data, options=ExtractOptions(batch_size=0, progress=False))
 
 
 def test_an_image_folder_is_keyed_by_its_files(tmp_path):
@@ -285,13 +288,13 @@ def test_an_image_folder_is_keyed_by_its_files(tmp_path):
 
 def test_large_entries_are_verified_once_and_again_after_any_change(cache, data, monkeypatch, capsys):
     monkeypatch.setattr(token_store, "VERIFY_EVERY_LOAD_BYTES", 0)  # every entry counts as large here
-    first = feat.cached_tokens("tiny-random", data, progress=False)
+    first = feat.cached_tokens("tiny-random", data, options=QUIET)
     expected = first.tokens.clone()  # the file is changed in place below, and loaded tokens map it
     checks = []
     real = token_store.file_checksum
     monkeypatch.setattr(token_store, "file_checksum", lambda *a: checks.append(1) or real(*a))
-    feat.cached_tokens("tiny-random", data, progress=False)
-    feat.cached_tokens("tiny-random", data, progress=False)
+    feat.cached_tokens("tiny-random", data, options=QUIET)
+    feat.cached_tokens("tiny-random", data, options=QUIET)
     assert len(checks) == 1  # verified on the first load only
     path = cache_keys.entry_path(first.key)
     raw = bytearray(path.read_bytes())
@@ -299,5 +302,5 @@ def test_large_entries_are_verified_once_and_again_after_any_change(cache, data,
     time.sleep(0.05)  # beyond the file system clock's granularity, so that the write gets a new mtime
     with open(path, "r+b") as f:  # changed in place: same inode and size, a new mtime
         f.write(bytes(raw))
-    again = feat.cached_tokens("tiny-random", data, progress=False)
+    again = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert torch.equal(again.tokens, expected) and "checksum does not match" in capsys.readouterr().err

@@ -20,9 +20,11 @@ from selagg_utils import SelaggError, cache_keys, extraction, token_store
 from selagg_utils import features as feat
 from selagg_utils.checks import tensors_digest
 from selagg_utils.data import cluttered_digits
+from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import TokenLayout, load_backbone, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
+QUIET = ExtractOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,8 @@ def no_extraction(monkeypatch):
 # ----------------------------------------------------------------------------- the streamed file
 def test_streamed_entries_equal_the_in_memory_extraction_bit_for_bit(cache, data, model):
     blocks = [2, None]
-    sets = feat.cached_blocks("tiny-mae", data, blocks, batch_size=10, progress=False)  # 7 batches, the last short
+    # 7 batches, the last short
+    sets = feat.cached_blocks("tiny-mae", data, blocks, ExtractOptions(batch_size=10, progress=False))
     expected, labels = in_memory_extraction(model, data, blocks, 10)
     for ts, tokens in zip(sets, expected):
         state, meta = stored_tensors(cache_keys.entry_path(ts.key))  # each block streamed to its own file
@@ -82,7 +85,7 @@ def test_streamed_entries_equal_the_in_memory_extraction_bit_for_bit(cache, data
 
 
 def test_an_entry_is_a_valid_safetensors_file_with_aligned_tensors(cache, data):
-    ts = feat.cached_tokens("tiny-mae", data, batch_size=16, progress=False)
+    ts = feat.cached_tokens("tiny-mae", data, options=ExtractOptions(batch_size=16, progress=False))
     path = cache_keys.entry_path(ts.key)
     loaded = load_file(str(path))  # safetensors' full validation of header, offsets and size
     assert torch.equal(loaded["tokens"], ts.tokens) and torch.equal(loaded["labels"], ts.labels)
@@ -93,7 +96,7 @@ def test_an_entry_is_a_valid_safetensors_file_with_aligned_tensors(cache, data):
 
 
 def test_save_entry_writes_the_same_file_as_a_streamed_extraction(cache, data):
-    ts = feat.cached_tokens("tiny-mae", data, batch_size=16, progress=False)
+    ts = feat.cached_tokens("tiny-mae", data, options=ExtractOptions(batch_size=16, progress=False))
     path = cache_keys.entry_path(ts.key)
     copy = cache / "copy.safetensors"
     feat.save_entry(copy, feat.TokenSet(ts.tokens.clone(), ts.labels.clone(), ts.layout, ts.key))
@@ -114,16 +117,16 @@ def mapped_files():
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps")
 def test_a_loaded_entry_maps_its_file_and_writes_stay_private(cache, data, monkeypatch):
-    first = feat.cached_tokens("tiny-mae", data, progress=False)
+    first = feat.cached_tokens("tiny-mae", data, options=QUIET)
     monkeypatch.setattr(extraction, "token_batches", lambda *a, **k: pytest.fail("extracted again"))
-    ts = feat.cached_tokens("tiny-mae", data, progress=False)
+    ts = feat.cached_tokens("tiny-mae", data, options=QUIET)
     path = str(cache_keys.entry_path(ts.key))
     address = ts.tokens.data_ptr()
     assert any(lo <= address < hi and name == path for lo, hi, name in mapped_files())  # a map, not a copy
     assert torch.equal(ts.tokens, first.tokens)
     expected = ts.tokens.clone()
     ts.tokens[0, 0, 0] = 1000.0  # copy-on-write: the file does not change
-    assert torch.equal(feat.cached_tokens("tiny-mae", data, progress=False).tokens, expected)
+    assert torch.equal(feat.cached_tokens("tiny-mae", data, options=QUIET).tokens, expected)
     assert torch.equal(load_file(path)["tokens"], expected)
     sub = ts.subset(torch.tensor([5, 2]))  # the views of a TokenSet work on the map
     assert torch.equal(sub.tokens, expected[[5, 2]]) and sub.labels.tolist() == data.labels[[5, 2]].tolist()
@@ -133,7 +136,7 @@ def test_a_loaded_entry_maps_its_file_and_writes_stay_private(cache, data, monke
 # ----------------------------------------------------------------------------- the checksum
 @pytest.mark.parametrize("where", ["tokens", "labels", "key"])
 def test_the_checksum_catches_one_flipped_byte(cache, data, where, capsys):
-    ts = feat.cached_tokens("tiny-mae", data, progress=False)
+    ts = feat.cached_tokens("tiny-mae", data, options=QUIET)
     expected = ts.tokens.clone()
     path = cache_keys.entry_path(ts.key)
     raw = bytearray(path.read_bytes())
@@ -146,7 +149,7 @@ def test_the_checksum_catches_one_flipped_byte(cache, data, where, capsys):
     os.replace(bytes_to_file(path.with_suffix(".x"), raw), path)
     with pytest.raises(token_store.DamagedEntry, match="checksum does not match"):
         token_store.read_entry(path)
-    assert torch.equal(feat.cached_tokens("tiny-mae", data, progress=False).tokens, expected)
+    assert torch.equal(feat.cached_tokens("tiny-mae", data, options=QUIET).tokens, expected)
     assert "checksum does not match" in capsys.readouterr().err
     assert token_store.read_entry(path)  # extracted again, and verified
 
@@ -157,7 +160,7 @@ def bytes_to_file(path, raw):
 
 
 def test_an_entry_of_the_previous_format_is_extracted_again_not_misread(cache, data, capsys):
-    ts = feat.cached_tokens("tiny-mae", data, progress=False)
+    ts = feat.cached_tokens("tiny-mae", data, options=QUIET)
     expected = ts.tokens.clone()
     assert ts.key["format"] == cache_keys.CACHE_FORMAT == 3
     path = cache_keys.entry_path(ts.key)
@@ -166,7 +169,7 @@ def test_an_entry_of_the_previous_format_is_extracted_again_not_misread(cache, d
     meta["checksum"] = tensors_digest(state, json.dumps(meta, sort_keys=True))  # format 2's checksum
     save_file(state, str(path.with_suffix(".x")), metadata=meta)
     os.replace(path.with_suffix(".x"), path)
-    assert torch.equal(feat.cached_tokens("tiny-mae", data, progress=False).tokens, expected)
+    assert torch.equal(feat.cached_tokens("tiny-mae", data, options=QUIET).tokens, expected)
     assert "checksum does not match" in capsys.readouterr().err
 
 
@@ -200,8 +203,8 @@ def test_mean_patches_never_converts_the_whole_split(tmp_path):
 
 
 def test_pooled_features_equal_pooling_the_cached_tokens(cache, data, monkeypatch):
-    pooled = feat.pooled_features("tiny-mae", data, batch_size=10, progress=False)
-    tokens = feat.cached_tokens("tiny-mae", data, batch_size=10, progress=False)
+    pooled = feat.pooled_features("tiny-mae", data, options=ExtractOptions(batch_size=10, progress=False))
+    tokens = feat.cached_tokens("tiny-mae", data, options=ExtractOptions(batch_size=10, progress=False))
     assert pooled.cls.dtype == pooled.mean.dtype == torch.float32 and pooled.mean.shape == (64, 128)
     assert torch.equal(pooled.cls, tokens.cls) and torch.equal(pooled.mean, tokens.mean_patches)
     assert torch.equal(pooled.labels, data.labels) and pooled.key["pooled"] is True
@@ -210,26 +213,26 @@ def test_pooled_features_equal_pooling_the_cached_tokens(cache, data, monkeypatc
     state, _ = stored_tensors(cache_keys.entry_path(pooled.key))  # its own small entry, no tokens in it
     assert set(state) == {"cls", "mean", "labels"}
     monkeypatch.setattr(extraction, "token_batches", lambda *a, **k: pytest.fail("extracted again"))
-    again = feat.pooled_features("tiny-mae", data, progress=False)
+    again = feat.pooled_features("tiny-mae", data, options=QUIET)
     assert torch.equal(again.mean, pooled.mean) and torch.equal(again.cls, pooled.cls)
 
 
 def test_pooled_features_of_a_model_with_registers_and_no_cls(cache, data):
     torch.manual_seed(0)
     net = tiny_vit(class_token=False, reg_tokens=2, global_pool="avg").eval()
-    pooled = feat.pooled_features("no-cls", data, model=net, batch_size=16, progress=False)
+    pooled = feat.pooled_features("no-cls", data, options=ExtractOptions(batch_size=16, progress=False), model=net)
     with torch.no_grad():
         tokens = net.forward_features(data.images).half()
     assert tokens.shape[1] == 66 and pooled.cls is None
     assert torch.equal(pooled.mean, tokens[:, 2:].float().mean(1))  # the two registers left out
-    assert torch.equal(feat.pooled_features("no-cls", data, model=net, progress=False).mean, pooled.mean)
+    assert torch.equal(feat.pooled_features("no-cls", data, options=QUIET, model=net).mean, pooled.mean)
 
 
 def test_pooling_keeps_no_tokens_of_earlier_batches(cache, data, monkeypatch):
     kept = []
     real = extraction.pooled_rows
     monkeypatch.setattr(extraction, "pooled_rows", lambda tokens, *a: kept.append(tokens.shape) or real(tokens, *a))
-    feat.pooled_features("tiny-mae", data, batch_size=16, progress=False)
+    feat.pooled_features("tiny-mae", data, options=ExtractOptions(batch_size=16, progress=False))
     assert kept == [(16, 65, 128)] * 4  # one batch of tokens at a time, pooled as it comes
 
 
@@ -242,14 +245,14 @@ def test_too_little_disk_space_is_one_sentence_before_any_extraction(cache, data
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free[0]))
     no_extraction(monkeypatch)
     with pytest.raises(SelaggError) as err:
-        feat.cached_tokens("tiny-mae", data, progress=False)
+        feat.cached_tokens("tiny-mae", data, options=QUIET)
     sentence = str(err.value)
     assert sentence.count(". ") == 0 and sentence.endswith(".")
     assert f"needs {cache_keys.size_text(needed)}" in sentence and f"only {cache_keys.size_text(needed - 1)} is free" in sentence
     assert "SELAGG_CACHE" in sentence and "SELAGG_MAX_IMAGES" in sentence and str(cache) in sentence
     free[0] = cache_keys.pooled_entry_bytes(64, 128, True) - 1
     with pytest.raises(SelaggError, match=f"needs {cache_keys.size_text(free[0] + 1)} "):
-        feat.pooled_features("tiny-mae", data, progress=False)
+        feat.pooled_features("tiny-mae", data, options=QUIET)
     assert list(cache.glob("*.safetensors")) == []
 
 
@@ -259,7 +262,7 @@ def test_the_disk_space_estimate_covers_the_entry(cache, data, monkeypatch):
     usage = shutil.disk_usage(Path("/"))
     needed = cache_keys.token_entry_bytes(64, 65, 128) * 2
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=needed))  # just enough for two
-    sets = feat.cached_blocks("tiny-mae", data, [3, None], progress=False)
+    sets = feat.cached_blocks("tiny-mae", data, [3, None], options=QUIET)
     sizes = [cache_keys.entry_path(s.key).stat().st_size for s in sets]
     assert all(64 * 65 * 128 * 2 < size <= needed / 2 for size in sizes)
 
@@ -268,17 +271,17 @@ def test_loader_workers_and_their_check(cache, data, model):
     assert extraction.loader_workers(None, "cpu") == 0
     assert extraction.loader_workers(None, "cuda") == min(4, os.cpu_count() or 1)
     with pytest.raises(SelaggError, match="num_workers=-1"):
-        feat.cached_tokens("tiny-mae", data, num_workers=-1, progress=False)
-    ts = feat.cached_tokens("tiny-mae", data, batch_size=16, num_workers=1, progress=False)
+        feat.cached_tokens("tiny-mae", data, options=ExtractOptions(progress=False, num_workers=-1))
+    ts = feat.cached_tokens("tiny-mae", data, options=ExtractOptions(batch_size=16, progress=False, num_workers=1))
     assert torch.equal(ts.tokens, in_memory_extraction(model, data, [None], 16)[0][0])
 
 
 def test_the_forward_precision_is_part_of_the_key(cache, data, monkeypatch):
-    plain = feat.cached_tokens("tiny-mae", data, progress=False)
+    plain = feat.cached_tokens("tiny-mae", data, options=QUIET)
     assert plain.key["compute"] == "float32" == cache_keys.cache_key("tiny-mae", data, "last", True)["compute"]
     monkeypatch.setattr(extraction, "half_dtype", lambda device: torch.bfloat16)  # a device with native bfloat16
     assert extraction.compute_precision("cpu") == "bfloat16 autocast"
-    half = feat.cached_tokens("tiny-mae", data, progress=False)  # the forward pass runs under autocast
+    half = feat.cached_tokens("tiny-mae", data, options=QUIET)  # the forward pass runs under autocast
     assert half.key["compute"] == "bfloat16 autocast" and cache_keys.entry_path(half.key) != cache_keys.entry_path(plain.key)
     assert not torch.equal(half.tokens, plain.tokens)
     assert (half.tokens.float() - plain.tokens.float()).abs().mean() < 0.05  # bfloat16 arithmetic, same model
@@ -308,7 +311,7 @@ def stalls_on_third_batch(*args, **kwargs):
         signal_and_wait("streaming")
     return real(*args, **kwargs)
 extraction.tokens_after = stalls_on_third_batch
-feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+feat.cached_tokens("tiny-random", data, options=extraction.ExtractOptions(batch_size=16, progress=False))
 """
 
 STALL_BEFORE_RENAME = """
@@ -318,7 +321,7 @@ def stalls_before_the_final_name(src, dst):
         signal_and_wait("renaming")
     return real_replace(src, dst)
 os.replace = stalls_before_the_final_name
-feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+feat.cached_tokens("tiny-random", data, options=extraction.ExtractOptions(batch_size=16, progress=False))
 """
 
 
@@ -372,7 +375,7 @@ def test_kill_while_writing_leaves_an_orphan_the_next_run_removes(killed_while_w
     else:  # complete, under its final checksum
         assert orphans[0].stat().st_size == end and b"0" * 64 not in orphans[0].read_bytes()[:start]
     monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
-    got = feat.cached_tokens("tiny-random", dataset, progress=False)
+    got = feat.cached_tokens("tiny-random", dataset, options=QUIET)
     assert torch.equal(got.tokens, expected) and not orphans[0].exists()
     assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]
     assert capsys.readouterr().err == ""
@@ -385,9 +388,12 @@ def test_entries_are_written_and_read_where_the_os_has_no_pread(tmp_path, monkey
     from selagg_utils import digits, features
 
     ds = digits.cluttered_digits("val", n_images=40)
-    with_p = features.cached_tokens("tiny-random", ds, batch_size=16, directory=tmp_path / "a", progress=False)
+    with_p = features.cached_tokens("tiny-random", ds, options=ExtractOptions(batch_size=16, progress=False),
+                                    directory=tmp_path / "a")
     monkeypatch.delattr(os, "pread")
     monkeypatch.delattr(os, "pwrite")
-    without = features.cached_tokens("tiny-random", ds, batch_size=16, directory=tmp_path / "b", progress=False)
-    again = features.cached_tokens("tiny-random", ds, batch_size=16, directory=tmp_path / "b", progress=False)
+    without = features.cached_tokens("tiny-random", ds, options=ExtractOptions(batch_size=16, progress=False),
+                                     directory=tmp_path / "b")
+    again = features.cached_tokens("tiny-random", ds, options=ExtractOptions(batch_size=16, progress=False),
+                                   directory=tmp_path / "b")
     assert torch.equal(with_p.tokens, without.tokens) and torch.equal(without.tokens, again.tokens)

@@ -267,7 +267,7 @@ def test_the_script_under_torchrun_reads_token_stores(tmp_path):
     stores = {}
     for split, n in (("train", 60), ("val", 30)):
         stores[split] = shards.extract_to_store("tiny-random", load_dataset("cluttered-digits", split, n_images=n),
-                                                tmp_path / split, shard_size=16 if split == "train" else 8)
+                                                tmp_path / split, store=shards.StoreOptions(16 if split == "train" else 8))
     out = tmp_path / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -15,10 +15,12 @@ import torch
 from selagg_utils import cache_keys
 from selagg_utils import features as feat
 from selagg_utils.data import load_dataset
+from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 48
+QUIET = ExtractOptions(progress=False)
 
 PREAMBLE = """
 import os, sys, time, hashlib
@@ -42,7 +44,7 @@ def stalls_on_second_batch(*args, **kwargs):
         signal_and_wait("extracting")
     return real(*args, **kwargs)
 extraction.tokens_after = stalls_on_second_batch
-feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+feat.cached_tokens("tiny-random", data, options=extraction.ExtractOptions(batch_size=16, progress=False))
 """
 
 STALL_IN_WRITE = """
@@ -52,7 +54,7 @@ def stall_before_the_final_name(src, dst):  # the entry is written, under its te
         signal_and_wait("writing")
     return real_replace(src, dst)
 os.replace = stall_before_the_final_name
-feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+feat.cached_tokens("tiny-random", data, options=extraction.ExtractOptions(batch_size=16, progress=False))
 """
 
 WRITER = """
@@ -64,7 +66,7 @@ feat.extract_blocks = counted
 Path(os.environ["MARKERS"], f"ready-{os.getpid()}").touch()
 while not Path(os.environ["MARKERS"], "go").exists():
     time.sleep(0.01)
-tokens = feat.cached_tokens("tiny-random", data, batch_size=16, progress=False)
+tokens = feat.cached_tokens("tiny-random", data, options=extraction.ExtractOptions(batch_size=16, progress=False))
 print(hashlib.sha256(tokens.tokens.numpy().tobytes()).hexdigest(), len(extractions))
 """
 
@@ -148,7 +150,7 @@ def test_kill_in_the_middle_of_extraction_leaves_nothing_and_the_next_run_is_rig
     assert [p.suffix for p in cache.iterdir()] == [".lock"]  # the dead process's lock; no temporary file
     monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
     data, tokens, _ = expected
-    got = feat.cached_tokens("tiny-random", data, progress=False)  # the kernel released the lock
+    got = feat.cached_tokens("tiny-random", data, options=QUIET)  # the kernel released the lock
     assert torch.equal(got.tokens, tokens)
     assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]
 
@@ -163,10 +165,10 @@ def test_kill_in_the_middle_of_the_write_leaves_an_orphan_the_next_run_removes(k
     assert len(list(cache.glob(".*.lock"))) == 1
     monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
     data, tokens, _ = expected
-    got = feat.cached_tokens("tiny-random", data, progress=False)
+    got = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert torch.equal(got.tokens, tokens) and not orphans[0].exists()
     assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]
-    assert torch.equal(feat.cached_tokens("tiny-random", data, progress=False).tokens, tokens)
+    assert torch.equal(feat.cached_tokens("tiny-random", data, options=QUIET).tokens, tokens)
     assert capsys.readouterr().err == ""
 
 
@@ -197,7 +199,7 @@ def test_three_processes_filling_one_entry_at_once(three_writers, expected, monk
     assert sorted(int(out[1]) for out in outputs) == [0, 0, 1]  # one extracted, two waited and loaded
     monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
     monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("the entry was not usable"))
-    got = feat.cached_tokens("tiny-random", data, progress=False)
+    got = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert torch.equal(got.tokens, tokens)
     assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]  # no temporary file left
 

@@ -14,26 +14,35 @@ from selagg_utils.distributed import check_backend, process_group
 from selagg_utils.errors import SelaggError
 from selagg_utils.extraction import ExtractOptions, extract_blocks
 from selagg_utils.models import load_backbone
-from selagg_utils.shard_files import dequantized, quantized, shard_name, sidecar_name, store_identity
+from selagg_utils.shard_files import StoreOptions, dequantized, quantized, shard_name, sidecar_name, store_identity
 from selagg_utils.shards import TokenStore, extract_to_store
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, SHARD, BACKBONE = 40, 8, "tiny-mae"  # five shards of eight images
+STORE = StoreOptions(shard_size=SHARD)
+QUIET, QUIET8 = ExtractOptions(progress=False), ExtractOptions(batch_size=8, progress=False)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 KILLED_RANK = """
 import os, signal, sys
+from selagg_utils import shards
 from selagg_utils.data import load_dataset
 from selagg_utils.distributed import process_group
-from selagg_utils.shards import extract_to_store
+from selagg_utils.extraction import ExtractOptions
 
 with process_group("gloo") as info:
-    def die(i):  # rank 1 is killed (SIGKILL) right after writing its first shard
+    write_shard = shards.write_shard
+
+    def write_then_die(*args, **kwargs):  # rank 1 is killed (SIGKILL) right after writing its first shard
+        sidecar = write_shard(*args, **kwargs)
         if info.rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        return sidecar
+
+    shards.write_shard = write_then_die
     data = load_dataset("cluttered-digits", "train", n_images=int(sys.argv[2]))
-    extract_to_store("tiny-mae", data, sys.argv[1], shard_size=int(sys.argv[3]), batch_size=8, info=info,
-                     on_shard=die, progress=False)
+    shards.extract_to_store("tiny-mae", data, sys.argv[1], store=shards.StoreOptions(shard_size=int(sys.argv[3])),
+                            options=ExtractOptions(batch_size=8, progress=False))
 """
 
 
@@ -60,8 +69,8 @@ def reference(data, tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield extract_to_store(BACKBONE, data, tmp_path_factory.mktemp("one") / "store", shard_size=SHARD,
-                               batch_size=8, progress=False)
+        yield extract_to_store(BACKBONE, data, tmp_path_factory.mktemp("one") / "store", store=STORE,
+                               options=QUIET8)
     finally:
         torch.set_num_threads(before)
 
@@ -86,7 +95,7 @@ def copy(reference, tmp_path):
 
 def test_one_process_store_equals_the_package_extraction_and_the_layout(reference, data):
     whole = reference.token_set()
-    tokens, labels = extract_blocks(load_backbone(BACKBONE), data, [None], ExtractOptions(batch_size=8, progress=False))
+    tokens, labels = extract_blocks(load_backbone(BACKBONE), data, [None], QUIET8)
     assert torch.equal(whole.tokens, tokens[0]) and torch.equal(whole.labels, labels)
     assert len(reference) == N_IMAGES and len(reference.shards) == 5 and reference.shards[-1]["stop"] == N_IMAGES
     assert (whole.num_prefix_tokens, whole.has_cls, whole.grid_size) == (1, True, (8, 8))
@@ -130,19 +139,18 @@ def test_a_killed_rank_then_a_resumed_run_keeps_the_finished_shards(tmp_path, da
     assert not (out / "index.json").exists()
     before = stamps(out)
     assert shard_name(1) in before and shard_name(3) not in before  # rank 1 wrote shard 1, then died
-    store = extract_to_store(BACKBONE, data, out, shard_size=SHARD, batch_size=8, progress=False)
+    store = extract_to_store(BACKBONE, data, out, store=STORE, options=QUIET8)
     assert set(store.extracted) == {i for i in range(5) if shard_name(i) not in before}
     after = stamps(out)
     assert {name: after[name] for name in before} == before  # finished shards were not written again
     assert torch.equal(store.token_set().tokens, reference.token_set().tokens)
     assert not list(out.glob(".*.tmp"))
-    again = extract_to_store(BACKBONE, data, out, shard_size=SHARD, batch_size=8, progress=False)
+    again = extract_to_store(BACKBONE, data, out, store=STORE, options=QUIET8)
     assert again.extracted == () and stamps(out) == after
 
 
 def test_int8_tokens_take_about_half_the_bytes_within_half_a_step(tmp_path, data, reference, one_thread):
-    store = extract_to_store(BACKBONE, data, tmp_path / "int8", shard_size=SHARD, dtype="int8", batch_size=8,
-                             progress=False)
+    store = extract_to_store(BACKBONE, data, tmp_path / "int8", store=StoreOptions(SHARD, "int8"), options=QUIET8)
     x = reference.token_set().tokens.float()
     y = store.token_set().tokens.float()
     step = x.abs().amax(-1, keepdim=True) / 127
@@ -218,17 +226,18 @@ def test_a_changed_shard_fails_its_checksum_when_read(copy):
 def test_resuming_into_a_store_of_another_request_is_refused_before_any_work(copy, request_, message):
     before = stamps(copy)
     data = load_dataset("cluttered-digits", "train", n_images=N_IMAGES, seed=request_.pop("seed", 0))
+    store = StoreOptions(SHARD, request_.pop("dtype", "float16"))
     with pytest.raises(SelaggError, match=message):
-        extract_to_store(request_.pop("backbone", BACKBONE), data, copy, shard_size=SHARD, progress=False, **request_)
+        extract_to_store(request_.pop("backbone", BACKBONE), data, copy, store=store, options=QUIET, **request_)
     assert stamps(copy) == before
 
 
 def test_resuming_with_another_shard_size_is_refused(copy, data):
     with pytest.raises(SelaggError, match=r"has shards of 8 images, not 16; pass shard_size=8"):
-        extract_to_store(BACKBONE, data, copy, shard_size=16, progress=False)
+        extract_to_store(BACKBONE, data, copy, store=StoreOptions(shard_size=16), options=QUIET)
     (copy / "index.json").unlink()  # a killed run leaves sidecars only
     with pytest.raises(SelaggError, match=r"covers images 0 to 8, which shards of 16 images do not"):
-        extract_to_store(BACKBONE, data, copy, shard_size=16, progress=False)
+        extract_to_store(BACKBONE, data, copy, store=StoreOptions(shard_size=16), options=QUIET)
 
 
 def test_a_store_read_as_another_block_or_backbone_is_refused(reference, data):
@@ -240,13 +249,30 @@ def test_a_store_read_as_another_block_or_backbone_is_refused(reference, data):
     assert len(TokenStore(reference.path, expect={"block": None})) == N_IMAGES
 
 
+def test_the_identity_takes_norm_and_device_from_the_options_and_dtype_and_split_from_the_store(data):
+    plain = store_identity(BACKBONE, data)  # device None: this process's, the CPU outside torchrun
+    assert plain == store_identity(BACKBONE, data, options=ExtractOptions(device="cpu"))
+    assert (plain["block"], plain["norm"], plain["dtype"], plain["split"]) == ("last", True, "float16", "train")
+    other = store_identity(BACKBONE, data, block=3, store=StoreOptions(dtype="int8", split="val"),
+                           options=ExtractOptions(norm=False))
+    assert (other["block"], other["norm"], other["dtype"], other["split"]) == (3, False, "int8", "val")
+    assert store_identity(BACKBONE, data, options=ExtractOptions(norm=False)) == plain  # the last block is normed
+
+
 def test_not_a_store_and_bad_arguments_are_refused(tmp_path, reference, data):
     with pytest.raises(SelaggError, match="holds no readable index.json"):
         TokenStore(tmp_path)
     with pytest.raises(SelaggError, match=r"dtype='int4' is not a stored token type"):
-        extract_to_store(BACKBONE, data, tmp_path / "x", dtype="int4")
+        StoreOptions(dtype="int4")
     with pytest.raises(SelaggError, match=r"shard_size=0 is not accepted"):
-        extract_to_store(BACKBONE, data, tmp_path / "x", shard_size=0)
+        StoreOptions(shard_size=0)
+    with pytest.raises(SelaggError, match=r"split=3 is not a split name"):
+        StoreOptions(split=3)
+    with pytest.raises(SelaggError, match=r"store must be a shard_files.StoreOptions, got a dict"):
+        extract_to_store(BACKBONE, data, tmp_path / "x", store={"shard_size": 8})
+    with pytest.raises(SelaggError, match=r"A token store keeps float16 tokens, so options.dtype=torch.float32"):
+        extract_to_store(BACKBONE, data, tmp_path / "x", options=ExtractOptions(dtype=torch.float32))
+    assert not (tmp_path / "x").exists()  # refused before any work
     with pytest.raises(SelaggError, match=r"part=3 is not accepted with parts=3"):
         reference.token_set(3, 3)
     (tmp_path / "file").write_text("")
