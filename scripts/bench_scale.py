@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     from selagg_utils.cache_keys import size_text
     from selagg_utils.viz import show_table
 
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
             rows = []

@@ -47,6 +47,15 @@ class ExtractOptions:
     dtype: torch.dtype = torch.float16
     num_workers: int | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse a batch size, loader count or token dtype no extraction could run with, before any work."""
+        whole_number(self.batch_size, "batch_size", 1, "pass the number of images per forward pass, e.g. 256")
+        if self.num_workers is not None:
+            loader_workers(self.num_workers, "cpu")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise SelaggError(f"dtype={self.dtype!r} is not accepted: tokens are kept in a floating torch dtype, "
+                              "e.g. torch.float16 (the cache's) or torch.float32.")
+
 
 def process_device(device: str | torch.device | None = None) -> str | torch.device:
     """`device`, or this process's when None (`distributed.current_process`: the CPU outside torchrun,

@@ -268,6 +268,8 @@ def test_empty_datasets_and_bad_batch_sizes_are_refused(cache, data):
         feat.cached_tokens("tiny-random", torch.utils.data.Subset(data, []), options=QUIET)
     with pytest.raises(SelaggError, match="batch_size=0"):
         feat.cached_tokens("tiny-random", data, options=ExtractOptions(batch_size=0, progress=False))
+    with pytest.raises(SelaggError, match="floating torch dtype"):
+        ExtractOptions(dtype=torch.int8)
 
 
 def test_an_image_folder_is_keyed_by_its_files(tmp_path):
