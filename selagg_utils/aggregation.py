@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent, build_sincos2d_pos_embed
 
-from .checks import whole_number
+from .checks import options_object, whole_number, whole_number_fields
 from .errors import SelaggError
 from .models import TokenLayout
 from .softmax import masked_softmax
@@ -160,8 +160,8 @@ class ScorerOptions:
 
     def __post_init__(self) -> None:
         """Refuse a scorer that cannot be built, before any weight is drawn."""
-        whole_number(self.depth, "depth", 0, "use 0 for the paper's single linear scorer")
-        whole_number(self.hidden, "hidden", 1, "pass the width of the scorer's hidden layers, e.g. 128")
+        whole_number_fields(self, {"depth": (0, "use 0 for the paper's single linear scorer"),
+                                   "hidden": (1, "pass the width of the scorer's hidden layers, e.g. 128")})
         if self.act not in ("tanh", "relu"):
             raise SelaggError(f"Unknown scorer activation {self.act!r}; choose 'tanh' or 'relu'.")
         if self.pos_embed not in (None, "none", "sincos"):
@@ -183,10 +183,7 @@ class AbMILP(Aggregator):
     def __init__(self, dim: int, layout: TokenLayout | None = None, scorer: ScorerOptions | None = None,
                  include_cls: bool = False):
         super().__init__(dim, layout)
-        scorer = ScorerOptions() if scorer is None else scorer
-        if not isinstance(scorer, ScorerOptions):
-            raise SelaggError(f"scorer must be an aggregation.ScorerOptions, got a {type(scorer).__name__}; "
-                              "e.g. ScorerOptions(depth=1, act='relu').")
+        scorer = options_object(scorer, ScorerOptions, "scorer", "ScorerOptions(depth=1, act='relu')", ScorerOptions())
         if include_cls and not self.has_cls:
             raise SelaggError("include_cls=True needs a model with a [cls] token; this one has none.")
         depth = max(scorer.depth, 1) if scorer.gated else scorer.depth  # the gate acts on a hidden layer

@@ -17,7 +17,7 @@ import torch
 from .errors import SelaggError
 
 __all__ = ["all_finite", "first_nonfinite_item", "check_finite_items", "update_digest", "DIGEST_PIECE",
-           "tensors_digest", "notice", "whole_number", "real_number"]
+           "tensors_digest", "notice", "whole_number", "whole_number_fields", "real_number", "options_object"]
 
 #: Bits of the exponent of each half-precision format: all set means inf or NaN.
 _EXPONENT_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -97,6 +97,24 @@ def whole_number(value, name: str, minimum: int, remedy: str) -> int:
         raise SelaggError(f"{name}={value!r} is not accepted: it must be a whole number of at least {minimum}; "
                           f"{remedy}.")
     return int(value)
+
+
+def whole_number_fields(options, rules: dict[str, tuple[int, str]]) -> None:
+    """Check each named field of a frozen dataclass with `whole_number` (rules: name -> (minimum, remedy)) and store
+    it back as a plain int, as JSON and the index files write it."""
+    for name, (minimum, remedy) in rules.items():
+        object.__setattr__(options, name, whole_number(getattr(options, name), name, minimum, remedy))
+
+
+def options_object(value, kind: type, name: str, example: str, default=None):
+    """`value` when it is a `kind` (`default` for None, when one is given), else a SelaggError naming the class."""
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, kind):
+        where = f"{kind.__module__.rsplit('.', 1)[-1]}.{kind.__name__}"
+        raise SelaggError(f"{name} must be an instance of {where}, not {type(value).__name__}; build one, e.g. "
+                          f"{example}.")
+    return value
 
 
 def real_number(value, name: str, minimum: float, remedy: str, strictly: bool = False,

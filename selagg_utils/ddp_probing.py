@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checks import whole_number
+from .checks import options_object, whole_number, whole_number_fields
 from .distributed import ProcessInfo, current_process
 from .errors import SelaggError
 from .features import TokenSet
@@ -232,10 +232,8 @@ def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, tes
     them the parts are taken to lie end to end in rank order.
     """
     info = current_process()
-    recipe = ProbeRecipe() if recipe is None else recipe
-    if not isinstance(recipe, ProbeRecipe):
-        raise SelaggError(f"recipe must be a ProbeRecipe, got a {type(recipe).__name__}; build one with "
-                          "probing.ProbeRecipe(epochs=..., lrs=(...)).")
+    recipe = options_object(recipe, ProbeRecipe, "recipe", "probing.ProbeRecipe(epochs=90, lrs=(0.1, 1.0))",
+                            ProbeRecipe())
     seeds = checked_seeds(seeds)
     _raise_if_any(_part_problem(train, val, test, train_indices), info)
     parts = _gathered((len(train), len(val), None if test is None else len(test),
@@ -313,11 +311,10 @@ class ProbeProblem:
 
     def __post_init__(self) -> None:
         """Refuse sizes that are not whole numbers, or tokens that are not [cls] plus a square grid."""
-        for name, least, remedy in (("images", 2, "BatchNorm trains on batches of 2 or more (256 by default)"),
-                                    ("num_tokens", 2, "give [cls] plus the patches, e.g. 197 (ViT-B/16)"),
-                                    ("dim", 1, "give the token width, e.g. 768 (ViT-B)"),
-                                    ("classes", 1, "give the number of classes, e.g. 10")):
-            object.__setattr__(self, name, whole_number(getattr(self, name), name, least, remedy))
+        whole_number_fields(self, {"images": (2, "BatchNorm trains on batches of 2 or more (256 by default)"),
+                                   "num_tokens": (2, "give [cls] plus the patches, e.g. 197 (ViT-B/16)"),
+                                   "dim": (1, "give the token width, e.g. 768 (ViT-B)"),
+                                   "classes": (1, "give the number of classes, e.g. 10")})
         if self.side ** 2 != self.num_tokens - 1:
             raise SelaggError(f"num_tokens={self.num_tokens} is not 1 + a square number of patches; use e.g. 197 "
                               "(ViT-B/16).")
@@ -339,9 +336,7 @@ def bench_probe_epoch(head_name: str = "abmilp", problem: ProbeProblem = ProbePr
     (steadier than wall time on a shared machine; on a GPU they count the host only). Every process
     returns the same row.
     """
-    if not isinstance(problem, ProbeProblem):
-        raise SelaggError(f"problem must be a ddp_probing.ProbeProblem, got a {type(problem).__name__}; build one "
-                          "with ProbeProblem(images=256, num_tokens=197, dim=768).")
+    options_object(problem, ProbeProblem, "problem", "ProbeProblem(images=256, num_tokens=197, dim=768)")
     info = current_process()
     whole_number(epochs, "epochs", 1, "time at least one epoch")
     images, num_tokens, dim, classes = problem.images, problem.num_tokens, problem.dim, problem.classes

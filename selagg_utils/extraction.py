@@ -19,7 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
-from .checks import check_finite_items, notice, whole_number
+from .checks import check_finite_items, notice, options_object, whole_number, whole_number_fields
 from .devices import half_dtype
 from .distributed import current_process
 from .errors import SelaggError
@@ -49,7 +49,7 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         """Refuse a batch size, loader count or token dtype no extraction could run with, before any work."""
-        whole_number(self.batch_size, "batch_size", 1, "pass the number of images per forward pass, e.g. 256")
+        whole_number_fields(self, {"batch_size": (1, "pass the number of images per forward pass, e.g. 256")})
         if self.num_workers is not None:
             loader_workers(self.num_workers, "cpu")
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
@@ -65,10 +65,8 @@ def process_device(device: str | torch.device | None = None) -> str | torch.devi
 
 def resolved_options(options: ExtractOptions | None = None) -> ExtractOptions:
     """The options to run with: ExtractOptions() for None, and device None replaced by this process's device."""
-    options = ExtractOptions() if options is None else options
-    if not isinstance(options, ExtractOptions):
-        raise SelaggError(f"options must be an extraction.ExtractOptions, got a {type(options).__name__}; pass e.g. "
-                          "ExtractOptions(batch_size=64, progress=False), or None for the defaults.")
+    options = options_object(options, ExtractOptions, "options", "ExtractOptions(batch_size=64, progress=False)",
+                             ExtractOptions())
     return options if options.device is not None else replace(options, device=process_device())
 
 

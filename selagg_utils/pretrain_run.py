@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .checkpoints import save_checkpoint
+from .checks import options_object
 from .config import device as pick_device
 from .devices import device_name, resolve_device
 from .digits import DigitStream, DigitsRecipe
@@ -56,10 +57,7 @@ def pretrain_tiny(method: str, steps: int | None = None, batch_size: int = 256, 
     rate included (start from `replace(method_options(method), seed=1)` to keep the method's).
     """
     defaults = method_options(method)  # refuses an unknown method
-    options = defaults if options is None else options
-    if not isinstance(options, TrainOptions):
-        raise SelaggError(f"options must be a pretrain.TrainOptions, got a {type(options).__name__}; start from "
-                          f"pretrain_run.method_options({method!r}).")
+    options = options_object(options, TrainOptions, "options", f"pretrain_run.method_options({method!r})", defaults)
     if threads:
         torch.set_num_threads(threads)
     steps = DEFAULTS[method]["steps"] if steps is None else steps

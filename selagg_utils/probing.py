@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 
 from .aggregation import HEAD_KINDS, Aggregator, make_head
-from .checks import first_nonfinite_item, notice, real_number, whole_number
+from .checks import first_nonfinite_item, notice, options_object, real_number, whole_number, whole_number_fields
 from .errors import SelaggError
 from .features import TokenSet
 from .models import TokenLayout, token_layout
@@ -240,9 +240,7 @@ def checked_seeds(seeds) -> tuple[int, ...]:
 
 def check_probe_inputs(recipe: ProbeRecipe, train: TokenSet, val: TokenSet, test: TokenSet | None) -> None:
     """Refuse splits that cannot train or score a probe: too few images, mismatched or non-finite tokens."""
-    if not isinstance(recipe, ProbeRecipe):
-        raise SelaggError(f"recipe must be a ProbeRecipe, got a {type(recipe).__name__}; build one with "
-                          "probing.ProbeRecipe(epochs=..., lrs=(...)).")
+    options_object(recipe, ProbeRecipe, "recipe", "probing.ProbeRecipe(epochs=90, lrs=(0.1, 1.0))")
     splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
     for name, tokens in splits.items():
         if not isinstance(tokens, TokenSet):
@@ -338,11 +336,10 @@ class LowShot:
 
     def __post_init__(self) -> None:
         """Refuse a plan that would draw no images, or seed or train with a negative number."""
-        for name, least, remedy in (("shots", 1, "give the number of labelled images per class, e.g. shots=5"),
-                                     ("draws", 1, "draw at least one subset of images (3 by default)"),
-                                     ("seed", 0, "seeds are whole numbers such as 0"),
-                                     ("min_steps", 0, "use 0 for no extra minimum (200 by default)")):
-            object.__setattr__(self, name, whole_number(getattr(self, name), name, least, remedy))
+        whole_number_fields(self, {"shots": (1, "give the number of labelled images per class, e.g. shots=5"),
+                                   "draws": (1, "draw at least one subset of images (3 by default)"),
+                                   "seed": (0, "seeds are whole numbers such as 0"),
+                                   "min_steps": (0, "use 0 for no extra minimum (200 by default)")})
 
 
 def low_shot_indices(labels: torch.Tensor, shots: int, draws: int = 3, seed: int = 0) -> list[torch.Tensor]:
@@ -368,9 +365,7 @@ def low_shot_accuracy(head_name: str, train: TokenSet, val: TokenSet, test: Toke
 
     Tiny training sets make few steps per epoch, so training runs at least `plan.min_steps` steps.
     """
-    if not isinstance(plan, LowShot):
-        raise SelaggError(f"plan must be a probing.LowShot, got a {type(plan).__name__}; build one with "
-                          "probing.LowShot(shots=5, draws=3).")
+    options_object(plan, LowShot, "plan", "probing.LowShot(shots=5, draws=3)")
     recipe = replace(recipe, min_steps=max(recipe.min_steps, plan.min_steps))
     results = []
     for d, index in enumerate(low_shot_indices(train.labels, plan.shots, plan.draws, plan.seed)):

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 
 from .cache_keys import backbone_identity, dataset_identity, key_digest, size_text, writable_folder
 from .checkpoints import sha256_of, temporary_prefix
-from .checks import whole_number
+from .checks import options_object, whole_number_fields
 from .errors import SelaggError
 from .extraction import ExtractOptions, compute_precision, resolved_options
 from .models import TokenLayout
@@ -69,8 +69,7 @@ class StoreOptions:
 
     def __post_init__(self) -> None:
         """Refuse a shard size, stored dtype or split name the store cannot use, before any work."""
-        size = whole_number(self.shard_size, "shard_size", 1, "pass the number of images per shard file, e.g. 1024")
-        object.__setattr__(self, "shard_size", size)  # a plain int, as the index writes it
+        whole_number_fields(self, {"shard_size": (1, "pass the number of images per shard file, e.g. 1024")})
         if self.dtype not in STORED_DTYPES:
             raise SelaggError(f"dtype={self.dtype!r} is not a stored token type; choose 'float16' or 'int8' (8-bit "
                               "tokens with one float16 scale per token, half the bytes).")
@@ -81,11 +80,7 @@ class StoreOptions:
 
 def checked_store(store: StoreOptions | None) -> StoreOptions:
     """StoreOptions() for None; a SelaggError for anything but a StoreOptions."""
-    store = StoreOptions() if store is None else store
-    if not isinstance(store, StoreOptions):
-        raise SelaggError(f"store must be a shard_files.StoreOptions, got a {type(store).__name__}; pass e.g. "
-                          "StoreOptions(shard_size=1024, dtype='int8'), or None for the defaults.")
-    return store
+    return options_object(store, StoreOptions, "store", "StoreOptions(shard_size=1024, dtype='int8')", StoreOptions())
 
 
 def shard_name(i: int) -> str:

@@ -150,7 +150,7 @@ def test_a_scorer_that_cannot_be_built_is_refused_before_any_weight():
                        (dict(depth=-1), "depth=-1"), (dict(hidden=0), "hidden=0")]:
         with pytest.raises(SelaggError, match=words):
             ScorerOptions(**bad)
-    with pytest.raises(SelaggError, match="scorer must be an aggregation.ScorerOptions, got a dict"):
+    with pytest.raises(SelaggError, match="scorer must be an instance of aggregation.ScorerOptions, not dict"):
         make_head("abmilp", 8, scorer=dict(depth=1))
 
 
@@ -214,3 +214,24 @@ def test_a_nan_image_is_named_by_attention_maps(tiny):
 def test_evaluation_settings_that_would_give_a_meaningless_number_are_refused(call, words):
     with pytest.raises(SelaggError, match=words):
         call(torch.randn(12, 4), torch.arange(12) % 3)
+
+
+# ----------------------------------------------------------------------------- options of the wrong type
+def test_an_options_argument_of_another_type_names_the_class_to_build(tmp_path):
+    from selagg_utils import ddp_probing, features, probing, pretrain_run, shards
+
+    calls = [
+        ("extraction.ExtractOptions", lambda: features.cached_tokens("tiny-random", None, options={"batch_size": 8})),
+        ("shard_files.StoreOptions", lambda: shards.extract_to_store("tiny-random", None, tmp_path, store={})),
+        ("aggregation.ScorerOptions", lambda: make_head("abmilp", 8, scorer={"depth": 1})),
+        ("probing.ProbeRecipe", lambda: train_probe("cls", toy(32, 0), toy(16, 1), recipe={"epochs": 1})),
+        ("probing.ProbeRecipe", lambda: ddp_probing.train_probes_distributed("cls", toy(32, 0), toy(16, 1),
+                                                                             recipe={"epochs": 1})),
+        ("probing.LowShot", lambda: probing.low_shot_accuracy("cls", toy(32, 0), toy(16, 1), toy(16, 2), 5)),
+        ("ddp_probing.ProbeProblem", lambda: ddp_probing.bench_probe_epoch("mean", (32, 17, 8))),
+        ("pretrain.TrainOptions", lambda: pretrain_run.pretrain_tiny("random", 0, 8, {"lr": 1e-3}, out_dir=tmp_path)),
+    ]
+    for where, call in calls:
+        with pytest.raises(SelaggError, match=rf"must be an instance of {where}, not (dict|int|tuple); build one"):
+            call()
+    assert not any(tmp_path.iterdir()), "a refused call left files behind"

@@ -109,7 +109,7 @@ def test_options_the_cache_cannot_honour_are_refused_before_any_work(cache, data
     for call in (feat.cached_tokens, feat.cached_blocks, feat.pooled_features):
         with pytest.raises(SelaggError, match=r"The feature cache keeps float16 tokens, so options.dtype=torch.float32"):
             call("tiny-random", data, options=ExtractOptions(dtype=torch.float32, progress=False))
-        with pytest.raises(SelaggError, match=r"options must be an extraction.ExtractOptions, got a dict"):
+        with pytest.raises(SelaggError, match=r"options must be an instance of extraction.ExtractOptions, not dict"):
             call("tiny-random", data, options={"batch_size": 8})
     assert os.listdir(cache) == []
 

@@ -268,7 +268,7 @@ def test_not_a_store_and_bad_arguments_are_refused(tmp_path, reference, data):
         StoreOptions(shard_size=0)
     with pytest.raises(SelaggError, match=r"split=3 is not a split name"):
         StoreOptions(split=3)
-    with pytest.raises(SelaggError, match=r"store must be a shard_files.StoreOptions, got a dict"):
+    with pytest.raises(SelaggError, match=r"store must be an instance of shard_files.StoreOptions, not dict"):
         extract_to_store(BACKBONE, data, tmp_path / "x", store={"shard_size": 8})
     with pytest.raises(SelaggError, match=r"A token store keeps float16 tokens, so options.dtype=torch.float32"):
         extract_to_store(BACKBONE, data, tmp_path / "x", options=ExtractOptions(dtype=torch.float32))
