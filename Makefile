@@ -1,4 +1,5 @@
 # Two commands matter: `make book` and `make test`. Both create .venv on first use.
+# `make check` is the inner loop while editing: the fast package tests, in about a minute.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ KERNEL  := $(QUIET) MPLBACKEND=module://matplotlib_inline.backend_inline
 CACHE   := _build/.jupyter_cache
 HTML    := _build/html
 
-.PHONY: venv book test test-package test-notebooks test-pages checkpoints evidence clean
+.PHONY: venv book check test test-package test-notebooks test-pages checkpoints evidence clean
 
 venv: $(STAMP)
 
@@ -28,6 +29,10 @@ book: $(STAMP)
 	rm -rf $(CACHE)
 	$(KERNEL) $(BIN)/jupyter-book build . --all -W -n --keep-going
 	@echo "Open $(HTML)/index.html"
+
+## The inner loop: the package's fast unit tests (no chapter runs, no subprocesses), in about a minute.
+check: $(STAMP)
+	$(RUNENV) $(BIN)/python -m pytest tests -q -m "not slow"
 
 ## The whole suite: package tests; every chapter once under nbval; the book built from that very run;
 ## its pages checked as HTML and in headless Chromium (screenshots in _build/screenshots).

@@ -1,24 +1,63 @@
-"""Keep what nbval executes: every chapter whose cells all pass is stored in the book's jupyter-cache.
+"""One run per chapter: nbval executes it, with its solutions' code appended, and the book is built from it.
 
-`make test` executes each chapter once, under nbval, and then builds the book from this cache
-(`execute_notebooks: cache` in _config.yml), so the pages it checks show the outputs of that very run.
+`make test` executes each chapter once, under nbval. The collector below appends the chapter's
+solution code from `book/solutions.md` as extra cells at the end, so the same kernel also runs
+every solution. `ExecutedChapters` keeps each cell's outputs and, for every chapter whose cells
+all passed, stores the executed chapter, without the appended cells, in the book's jupyter-cache
+(`execute_notebooks: cache` in _config.yml), so the pages the build makes show that very run.
 """
 from __future__ import annotations
 
+import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
+from nbval.plugin import IPyNbCell, IPyNbFile
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from solutions_page import solution_code  # noqa: E402
+
+#: Metadata key of a cell appended to a chapter for its test run (kept out of the book's cache).
+APPENDED = "selagg_appended"
 
 
 def book_cache_path() -> Path:
     """The jupyter-cache folder the book build reads, from _config.yml."""
     execute = yaml.safe_load((ROOT / "_config.yml").read_text()).get("execute", {})
     return ROOT / execute.get("cache", "_build/.jupyter_cache")
+
+
+class ChapterWithSolutions(IPyNbFile):
+    """nbval's notebook collector, plus one cell per solution code block at the chapter's end."""
+
+    def collect(self):
+        yield from super().collect()  # reads self.nb and yields one item per code cell
+        number = sum(cell.cell_type == "code" for cell in self.nb.cells)
+        for i, code in enumerate(solution_code(self.path.name[:2])):
+            cell = nbformat.v4.new_code_cell(code, metadata={APPENDED: "solution"})
+            self.nb.cells.append(cell)
+            yield IPyNbCell.from_parent(self, name=f"Solution {i + 1}", cell_num=number + i,
+                                        cell=cell, options=defaultdict(bool, check=False))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collect_file(file_path, parent):
+    """Swap nbval's collector of a chapter for the one that appends its solutions."""
+    found = yield
+    return [ChapterWithSolutions.from_parent(parent, path=file_path) if type(c) is IPyNbFile else c
+            for c in found]
+
+
+def without_appended(nb):
+    """A copy of an executed chapter without the cells appended for its test run."""
+    copy = nbformat.from_dict(nb)
+    copy.cells = [c for c in copy.cells if APPENDED not in c.get("metadata", {})]
+    return copy
 
 
 class ExecutedChapters:
@@ -36,7 +75,8 @@ class ExecutedChapters:
         entry = self.notebooks.setdefault(Path(str(parent.fspath)), {"nb": parent.nb, "ok": True, "count": 0,
                                                                       "start": time.perf_counter()})
         entry["ok"] &= not report.failed and not report.skipped
-        entry["end"] = time.perf_counter()  # the chapter's run time ends with its last cell
+        if report.when == "call" and APPENDED not in cell.metadata:
+            entry["end"] = time.perf_counter()  # the chapter's run time ends with its own last cell
         if report.when == "call" and item.test_outputs is not None:
             entry["count"] += 1
             cell.execution_count = entry["count"]
@@ -51,9 +91,9 @@ class ExecutedChapters:
 
         cache = get_cache(str(book_cache_path()))
         for path, entry in executed.items():
-            nbformat.validate(entry["nb"])
-            bundle = CacheBundleIn(entry["nb"], str(path),
-                                   data={"execution_seconds": entry["end"] - entry["start"]})
+            nb = without_appended(entry["nb"])
+            nbformat.validate(nb)
+            bundle = CacheBundleIn(nb, str(path), data={"execution_seconds": entry["end"] - entry["start"]})
             cache.cache_notebook_bundle(bundle, check_validity=False, overwrite=True)
 
 

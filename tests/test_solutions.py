@@ -1,64 +1,26 @@
 """Every exercise has a solution on the solutions page, hidden everywhere, and every solution's code runs.
 
 The solutions live in `book/solutions.md`, not in the chapters: a notebook opened in Colab or Jupyter shows
-a `{solution}` directive as raw text, answer included. The slow test runs each chapter that has solution
-code once, at the tiny scale, with that code appended as cells, and fails when a solution raises or a cell
-runs past CELL_TIMEOUT. It costs one more run of the chapters, plus the solutions.
+a `{solution}` directive as raw text, answer included. Their code runs in the chapters' one test run:
+`notebooks/conftest.py` appends each chapter's solution code as cells at the end of its nbval run, and keeps
+them out of the book. The tests here check the pairing, and that appended solutions run and fail the run.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from solutions_page import DROPDOWN, PYTHON, SOLUTIONS, directives, markdown_of, numbered_questions, page_sections, \
+    solution_code
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("0*.ipynb"))}
-SOLUTIONS = ROOT / "book" / "solutions.md"
-#: Seconds one cell may take (chapter 6's cells and its variants solution take minutes on two busy cores).
-CELL_TIMEOUT = 1200
-
-DIRECTIVE = re.compile(r"^(`{3,})\{(exercise|solution)\}([^\n]*)\n(.*?)^\1[ \t]*$", re.S | re.M)
-PYTHON = re.compile(r"^```python\n(.*?)^```[ \t]*$", re.S | re.M)
-DROPDOWN = re.compile(r"^(`{3,})\{admonition\}[^\n]*\n:class: dropdown\n", re.M)
-
-
-def markdown_of(path: Path) -> str:
-    """All Markdown cells of a notebook, joined."""
-    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-    return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-
-
-def directives(text: str, kind: str) -> dict[str, str]:
-    """Label -> body of every `{exercise}` (label from its option) or `{solution}` (label of its exercise)."""
-    found = {}
-    for _, name, argument, body in DIRECTIVE.findall(text):
-        if name != kind:
-            continue
-        label = argument.strip() if kind == "solution" else re.search(r":label: (\S+)", body).group(1)
-        found[label] = body
-    return found
-
-
-def page_sections() -> dict[str, str]:
-    """The solutions page cut into its chapter sections, keyed by the chapter's two digits."""
-    parts = re.split(r"^\(solutions-(\d\d)\)=\n", SOLUTIONS.read_text(encoding="utf-8"), flags=re.M)
-    return dict(zip(parts[1::2], parts[2::2]))
-
-
-def solution_code(chapter: str) -> list[str]:
-    """The Python blocks of a chapter's solutions, in page order."""
-    return [code for body in directives(page_sections().get(chapter, ""), "solution").values()
-            for code in PYTHON.findall(body)]
-
-
-def numbered_questions(markdown: str) -> list[str]:
-    """The numbered items of a chapter's "Check your understanding" section."""
-    section = markdown.split("## Check your understanding", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\d+\. (.+)$", section, re.M)
-
 
 def test_no_chapter_holds_a_solution():
     for path in CHAPTERS.values():
@@ -93,41 +55,57 @@ def test_the_parsers_find_what_they_should():
     assert PYTHON.findall(directives(text, "solution")["ex-09-a"]) == ["x = 1\n"]
 
 
-def run_with_solutions(path: Path, code: list[str]) -> None:
-    """Execute a chapter at the tiny scale with the solution code appended, one cell per block."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(path, as_version=4)
-    nb.cells += [nbformat.v4.new_code_cell(block) for block in code]
-    env = {"SELAGG_SCALE": "tiny", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-@pytest.mark.parametrize("chapter", [c for c in sorted(CHAPTERS) if solution_code(c)])
-def test_solution_code_runs_at_the_end_of_its_chapter(chapter):
-    run_with_solutions(CHAPTERS[chapter], solution_code(chapter))
-
-
-def test_a_failing_solution_fails_the_run(tmp_path):
-    from nbclient.exceptions import CellExecutionError
-
-    chapter = tmp_path / "00_tiny.ipynb"
-    chapter.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
-    with pytest.raises(CellExecutionError, match="undefined_name"):
-        run_with_solutions(chapter, ["x = 1\n", "print(undefined_name)\n"])
-
-
 def test_no_fence_of_the_page_carries_a_backtick_in_its_title():
     # CommonMark: a backtick fence whose info string holds a backtick is no fence, and the page falls apart.
     bad = [line for line in SOLUTIONS.read_text(encoding="utf-8").splitlines()
            if re.match(r"^`{3,}\{", line) and "`" in line.lstrip("`")]
     assert not bad, bad
+
+
+def nbval(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """pytest with nbval on a project folder's notebooks, as `make test` runs it."""
+    return subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", *args,
+                           "notebooks"], cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+def test_the_chapters_test_run_appends_every_solution():
+    done = nbval(ROOT, "--collect-only")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for chapter, path in CHAPTERS.items():
+        appended = re.findall(rf"{path.name}::Solution (\d+)", done.stdout)
+        assert len(appended) == len(solution_code(chapter)), f"chapter {chapter}: {appended}"
+
+
+def mini_book(folder: Path, solution: str) -> Path:
+    """A one-chapter copy of the book's test set-up whose chapter has one solution, `solution`."""
+    for name in ("notebooks/conftest.py", "tests/solutions_page.py", "_config.yml"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, folder / name)
+    (folder / "book").mkdir()
+    fence = "````"
+    (folder / "book" / "solutions.md").write_text(
+        f"(solutions-00)=\n{fence}{{solution}} ex-00-a\n:label: sol-00-a\n:class: dropdown\n"
+        f"```python\n{solution}\n```\n{fence}\n", encoding="utf-8")
+    cell = {"id": "c0", "cell_type": "code", "source": "x = 41", "metadata": {}, "outputs": [], "execution_count": None}
+    nb = {"cells": [cell], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (folder / "notebooks" / "00_tiny.ipynb").write_text(json.dumps(nb))
+    return folder
+
+
+def test_an_appended_solution_runs_after_the_chapter_and_stays_out_of_the_book(tmp_path):
+    from jupyter_cache import get_cache
+
+    done = nbval(mini_book(tmp_path, "open('ran.txt', 'w').write(str(x + 1))"))
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "notebooks" / "ran.txt").read_text() == "42", "the solution did not run in the chapter's kernel"
+    records = get_cache(str(tmp_path / "_build" / ".jupyter_cache")).list_cache_records()
+    assert len(records) == 1
+    cached = get_cache(str(tmp_path / "_build" / ".jupyter_cache")).get_cache_bundle(records[0].pk).nb
+    assert [c.source for c in cached.cells] == ["x = 41"], "the solution's cell reached the book"
+
+
+def test_a_failing_solution_fails_the_run_and_keeps_the_chapter_out_of_the_book(tmp_path):
+    done = nbval(mini_book(tmp_path, "print(undefined_name)"))
+    assert done.returncode == 1 and "undefined_name" in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / "_build" / ".jupyter_cache").exists()
