@@ -9,7 +9,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoints import load_checkpoint, read_manifest, sha256_of, sub_state
+from .checkpoints import load_checkpoint, read_manifest, read_weights_file, sha256_of, sub_state, unwrapped_state
+from .checks import env_flag
 from .errors import SelaggError
 
 __all__ = ["CHECKPOINT_DIR", "TINY_CONFIG", "TINY_NAMES", "FULL_NAMES", "RANDOM_INIT_SEED", "tiny_vit",
@@ -73,20 +74,20 @@ class BackboneSpec:
         """What identifies the weights this spec loads (part of every feature cache key)."""
         import timm
 
-        if self.kind == "tiny":
-            return {"backbone": self.name, "sha256": read_manifest(self.path)["sha256"]}
-        if self.kind == "file":
-            return {"backbone": self.path.name, "sha256": sha256_of(self.path)}
+        code = {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]}  # they compute the tokens
+        if self.kind in ("tiny", "file"):  # the manifest's architecture too: it decides how the weights are used
+            manifest = read_manifest(self.path)
+            return {"backbone": self.name if self.kind == "tiny" else self.path.name, "sha256": sha256_of(self.path)
+                    if self.kind == "file" else manifest["sha256"], "model_config": manifest.get("model_config"), **code}
         size = {"img_size": self.img_size} if self.img_size else {}
         if self.path is not None:  # a timm architecture with weights from a local file
-            return {"backbone": self.arch, "weights": self.path.name, "sha256": sha256_of(self.path), **size}
+            return {"backbone": self.arch, "weights": self.path.name, "sha256": sha256_of(self.path), **size, **code}
         if not self.pretrained:
-            return {"backbone": self.name, "weights": "random", "seed": self.seed, "timm": timm.__version__,
-                    "torch": torch.__version__.split("+")[0], **size}
+            return {"backbone": self.name, "weights": "random", "seed": self.seed, **code, **size}
         cfg = timm.models.get_pretrained_cfg(self.arch)
         source = (cfg.hf_hub_id or cfg.url or "") if cfg is not None else ""
         return {"backbone": self.name, "weights": "pretrained", "tag": getattr(cfg, "tag", None) or "default",
-                "source": source, "timm": timm.__version__, **size}
+                "source": source, **code, **size}
 
 
 def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
@@ -206,7 +207,7 @@ def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pre
 def uses_pretrained_weights(scale: str, pretrained: bool | None) -> bool:
     """Whether a timm name loads pretrained weights: if asked for, else at full scale unless SELAGG_PRETRAINED=0."""
     if pretrained is None:  # SELAGG_PRETRAINED=0 runs the full-scale code path offline, with random weights
-        return scale == "full" and os.environ.get("SELAGG_PRETRAINED", "1") != "0"
+        return scale == "full" and env_flag("SELAGG_PRETRAINED", True)
     return bool(pretrained)
 
 
@@ -217,9 +218,7 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
     if spec.img_size:
         kwargs.setdefault("img_size", spec.img_size)
     source = {}
-    if spec.path is not None:
-        source = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(spec.path)))
-    elif spec.pretrained:
+    if spec.pretrained and spec.path is None:
         check_weights_reachable(spec.arch)
         source = dict(pretrained=True)
     try:
@@ -227,10 +226,6 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
             torch.manual_seed(spec.seed if spec.seed is not None else RANDOM_INIT_SEED)
             model = timm.create_model(spec.arch, num_classes=0, **{"pretrained": False, **source}, **kwargs)
     except (OSError, RuntimeError, KeyError, ValueError) as err:
-        if spec.path is not None:
-            raise SelaggError(f"The weights in {spec.path.name} do not fit the architecture {spec.arch!r} "
-                              f"({str(err).splitlines()[0][:200]}); give that architecture's checkpoint, or the "
-                              "timm name of the architecture the file was trained with.") from None
         if spec.pretrained and _looks_offline(err):
             raise SelaggError(f"Could not download the weights of {spec.arch!r}: no network connection; the full "
                               "scale needs internet access once (weights are then cached), the tiny scale runs offline.") from None
@@ -238,7 +233,33 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise SelaggError(f"{spec.arch!r} is a {type(model).__name__}, not a timm VisionTransformer; this book "
                           "works with ViTs (patch tokens plus optional [cls] and register tokens).")
+    if spec.path is not None:
+        load_weights_file(model, spec.path, spec.arch)
     return model
+
+
+def load_weights_file(model: VisionTransformer, path: Path, arch: str) -> None:
+    """Fill every weight of a timm ViT from a local file, all or nothing: a known nesting or wrapper prefix is
+    removed (said in one line), timm's conversions applied, and any weight missing or left over refused."""
+    import sys
+
+    from .checks import notice
+
+    own = set(model.state_dict())
+    state, steps = unwrapped_state(read_weights_file(path), own, path.name)
+    head = sorted(k for k in state if k.split(".")[0] == "head" and k not in own)  # a classifier; the backbone has none
+    state = {k: v for k, v in state.items() if k not in head}
+    steps += [f"left out the classifier {', '.join(head)}"] if head else []
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:
+        try:
+            state = convert(state, model)
+        except Exception as err:  # timm's conversions assume its layouts; anything else is a file that does not fit
+            raise SelaggError(f"The weights in {path.name} do not fit the architecture {arch!r} ({type(err).__name__}:"
+                              f" {str(err)[:120]}); give that architecture's checkpoint.") from None
+    load_weights(model, state, path.name, f"the architecture {arch!r}")
+    if steps:
+        notice(f"Read the weights of {arch!r} from {path.name}: {'; '.join(steps)}.")
 
 
 def _looks_offline(err: BaseException) -> bool:
@@ -302,8 +323,9 @@ def model_from_checkpoint(path: str | os.PathLike) -> VisionTransformer:
     return model
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with one clear sentence when names or shapes do not fit the model."""
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                 described: str = "the model its manifest describes") -> None:
+    """load_state_dict, all or nothing: one clear sentence when names or shapes do not fit the model."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -313,7 +335,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         detail = "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
                                          f"missing: {', '.join(missing[:3])}" if missing else "",
                                          f"unexpected: {', '.join(unexpected[:3])}" if unexpected else ""]))
-        raise SelaggError(f"The weights in {source} do not fit the model its manifest describes ({detail}).")
+        raise SelaggError(f"The weights in {source} do not fit {described} ({detail}; {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected); give the checkpoint of that architecture, or name the "
+                          "architecture the file was trained with.")
     model.load_state_dict(state)
 
 
