@@ -27,11 +27,15 @@ from .models import TokenLayout, token_layout
 from .progress import progress_bar
 from .token_store import EntryFile
 
-__all__ = ["ExtractOptions", "process_device", "resolved_options", "float16_options", "extract_tokens",
+__all__ = ["EXTRACTION_VERSION", "ExtractOptions", "process_device", "resolved_options", "float16_options", "extract_tokens",
            "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens", "compute_precision",
            "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
 
 _REPAIR = "remove or repair it, or pass a dataset without it"
+
+#: The version of the code that turns images into tokens (image decoding, forward pass, kept dtype); part of every
+#: cache key and store identity, and raised whenever a change to that code may change a token.
+EXTRACTION_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .cache_keys import backbone_identity, dataset_identity, key_digest, size_te
 from .checkpoints import sha256_of, temporary_prefix
 from .checks import options_object, whole_number_fields
 from .errors import SelaggError
-from .extraction import ExtractOptions, compute_precision, resolved_options
+from .extraction import EXTRACTION_VERSION, ExtractOptions, compute_precision, resolved_options
 from .models import TokenLayout
 
 __all__ = ["STORE_FORMAT", "STORED_DTYPES", "INDEX_NAME", "StoreOptions", "checked_store", "store_identity",
@@ -114,7 +114,7 @@ def store_identity(backbone: str | os.PathLike, dataset: Dataset, *, block: int 
     `options`, dtype and split from `store`)."""
     store = checked_store(store)
     options = resolved_options(options)
-    return plain({"format": STORE_FORMAT, "backbone": backbone_identity(backbone, model),
+    return plain({"format": STORE_FORMAT, "code": EXTRACTION_VERSION, "backbone": backbone_identity(backbone, model),
                   "dataset": dataset_identity(dataset),
                   "split": store.split if store.split is not None else split_of(dataset),
                   "block": "last" if block is None else block, "norm": True if block is None else bool(options.norm),
