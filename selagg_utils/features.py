@@ -65,6 +65,9 @@ class TokenSet:
             raise SelaggError("A TokenSet needs tokens of shape (images, tokens, width) and one label per image, "
                               f"got tokens {tuple(getattr(self.tokens, 'shape', ()))} and labels "
                               f"{tuple(getattr(self.labels, 'shape', ()))}; pass what extract_blocks returns.")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise SelaggError(f"A TokenSet's labels are class indices of an integer dtype, got {labels.dtype}; pass "
+                              "labels.long() when they are whole numbers (a float label would be rounded silently).")
         if not isinstance(self.layout, TokenLayout):
             raise SelaggError(f"A TokenSet's layout is a models.TokenLayout, got a {type(self.layout).__name__}; "
                               "read it from the backbone with models.token_layout(model).")

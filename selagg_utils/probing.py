@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 
 from .aggregation import HEAD_KINDS, Aggregator, make_head
-from .checks import first_nonfinite_item, notice, options_object, real_number, whole_number, whole_number_fields
+from .checks import (first_nonfinite_item, notice, options_object, real_number, sequence_of, whole_number,
+                     whole_number_fields)
 from .errors import SelaggError
 from .features import TokenSet
 from .models import TokenLayout, token_layout
@@ -61,10 +62,11 @@ class ProbeRecipe:
             raise SelaggError(f"warmup_epochs={self.warmup_epochs} is longer than epochs={self.epochs}; the warm-up "
                               "is part of the training, so choose at most as many warm-up epochs as epochs.")
         whole_number(self.batch_size, "batch_size", 2, "BatchNorm needs at least 2 images per batch (MAE uses 256)")
-        if isinstance(self.lrs, (str, bytes)) or not hasattr(self.lrs, "__iter__") or len(tuple(self.lrs)) == 0:
+        if isinstance(self.lrs, (str, bytes)) or not hasattr(self.lrs, "__iter__") \
+                or len(sequence_of(self.lrs, "lrs", "(0.1, 1.0, 10.0)")) == 0:
             raise SelaggError(f"lrs={self.lrs!r} is not accepted: it must be a non-empty sequence of learning rates, "
                               "e.g. lrs=(0.1, 1.0, 10.0).")
-        object.__setattr__(self, "lrs", tuple(self.lrs))
+        object.__setattr__(self, "lrs", sequence_of(self.lrs, "lrs", "(0.1, 1.0, 10.0)"))
         for lr in self.lrs:
             try:
                 real_number(lr, "lr", 0, "", strictly=True, maximum=MAX_LR)
@@ -232,7 +234,9 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
 def checked_seeds(seeds) -> tuple[int, ...]:
     """The seeds as a tuple of whole numbers >= 0, or a SelaggError."""
     seeds = (seeds,) if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool) else seeds
-    if not hasattr(seeds, "__iter__") or len(tuple(seeds)) == 0:
+    if hasattr(seeds, "__iter__") and not isinstance(seeds, (str, bytes)):
+        seeds = sequence_of(seeds, "seeds", "(0, 1, 2)")
+    if not isinstance(seeds, tuple) or len(seeds) == 0:
         raise SelaggError(f"seeds={seeds!r} is not accepted: give a non-empty sequence of whole numbers, "
                           "e.g. (0, 1, 2).")
     return tuple(whole_number(s, "seed", 0, "seeds are whole numbers such as (0, 1, 2)") for s in seeds)
