@@ -40,7 +40,7 @@ from .extraction import (EntrySink, ExtractOptions, check_extraction_inputs, com
 from .models import TokenLayout, data_config, load_backbone, token_layout
 from .token_store import DamagedEntry, EntryFile, read_entry
 
-__all__ = ["TokenSet", "PooledFeatures", "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
+__all__ = ["TokenSet", "token_source", "check_same_source", "PooledFeatures", "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
            "save_entry", "load_entry", "token_meta", "stored_layout", "CHUNK_BYTES"]
 
 #: `TokenSet.mean_patches` converts this many bytes of float32 tokens at a time.
@@ -125,6 +125,38 @@ class TokenSet:
     def subset(self, index: torch.Tensor) -> "TokenSet":
         """The same tokens restricted to some images."""
         return TokenSet(self.tokens[index], self.labels[index], self.layout, {**self.key, "subset": True})
+
+
+#: The fields of a cache key or store identity that describe the data, not what made the tokens from it.
+_DATA_FIELDS = frozenset({"format", "code", "data", "transform", "block", "norm", "dtype", "compute", "pooled",
+                          "subset", "store", "part", "parts", "split", "dataset"})
+
+
+def token_source(tokens: TokenSet) -> dict | None:
+    """What made a TokenSet's tokens from its images, read from its key (a cache key or a store identity): the
+    weights' identity, the block and the final norm; None for a key that names no backbone (tokens built by hand)."""
+    key = json.loads(json.dumps(tokens.key, sort_keys=True, default=str))
+    if "backbone" not in key:  # tokens built by hand, or a key of the caller's own
+        return None
+    weights = key["backbone"] if isinstance(key["backbone"], dict) else \
+        {k: v for k, v in key.items() if k not in _DATA_FIELDS}
+    return {"weights": weights, "block": key.get("block"), "norm": key.get("norm")}
+
+
+def check_same_source(splits: dict[str, TokenSet]) -> None:
+    """Refuse splits whose tokens come from different weights or blocks (their keys say so): a probe trained on one
+    backbone and scored on another prints a number that means nothing."""
+    named = [(name, token_source(t)) for name, t in splits.items() if isinstance(t, TokenSet)]
+    named = [(name, source) for name, source in named if source is not None]
+    for name, source in named[1:]:
+        first, ref = named[0]
+        if source != ref:
+            def said(s: dict) -> str:
+                return f"{s['weights'].get('backbone', 'a backbone')!r} (block {s['block']})"
+            what = said(source) if said(source) != said(ref) else f"other weights of {said(source)}"
+            raise SelaggError(f"The {name} split's tokens come from {what}, the {first} split's from {said(ref)}; "
+                              "every split of a probe must come from one backbone and block: extract them all "
+                              "with the same backbone name and block.")
 
 
 def images_per_chunk(tokens: torch.Tensor) -> int:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .checks import all_finite, real_number, whole_number
 from .errors import SelaggError
-from .features import TokenSet
+from .features import TokenSet, check_same_source
 
 __all__ = ["knn_accuracy", "logistic_probe_accuracy", "ridge_accuracy", "position_accuracy", "check_features",
            "POSITION_CHUNK_BYTES"]
@@ -100,6 +100,7 @@ def position_accuracy(train: TokenSet, test: TokenSet, alpha: float = 1.0, chunk
     Positions are solved `chunk` at a time; by default as many as fit POSITION_CHUNK_BYTES (16 at most),
     so that a full-scale split never needs a float64 copy of all its patch tokens.
     """
+    check_same_source({"train": train, "test": test})
     n = train.patches.shape[1]
     per_position = 3 * 8 * (len(train) + len(test)) * train.dim
     chunk = chunk or max(1, min(16, POSITION_CHUNK_BYTES // per_position))

@@ -10,13 +10,14 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoints import load_checkpoint, read_manifest, read_weights_file, sha256_of, sub_state, unwrapped_state
+from .backbone_names import RANDOM_INIT_SEED, TINY_NAMES, close_names, is_timm_name
 from .checks import env_flag
 from .errors import SelaggError
 
 __all__ = ["CHECKPOINT_DIR", "TINY_CONFIG", "TINY_NAMES", "FULL_NAMES", "RANDOM_INIT_SEED", "tiny_vit",
            "check_image_size", "tiny_checkpoint_path", "BackboneSpec", "resolve_backbone", "is_timm_name",
            "full_scale_img_size", "data_config", "load_backbone", "uses_pretrained_weights", "weights_cached",
-           "check_weights_reachable", "model_from_checkpoint", "load_weights", "vit_config", "TokenLayout",
+           "check_weights_reachable", "model_from_checkpoint", "load_weights", "check_images_fit", "vit_config", "TokenLayout",
            "token_layout"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -24,13 +25,10 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 #: The tiny ViT every offline chapter uses: 32x32 grayscale, 4x4 patches (an 8x8 grid), 6 blocks.
 TINY_CONFIG: dict = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
                          mlp_ratio=4.0, num_classes=0, global_pool="token")
-TINY_NAMES = ("tiny-mae", "tiny-jea", "tiny-random")
 
 #: Full-scale backbones the book uses (timm names); any timm ViT name works too.
 FULL_NAMES = ("vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "vit_small_patch16_224.dino")
 
-#: The seed of every untrained timm backbone, so that "random weights" name one set of weights.
-RANDOM_INIT_SEED = 0
 
 
 def tiny_vit(**overrides) -> VisionTransformer:
@@ -123,7 +121,7 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
             return BackboneSpec(text, "random", arch, seed=int(seed or RANDOM_INIT_SEED),
                                 img_size=full_scale_img_size(arch))
         raise SelaggError(f"Unknown backbone {text!r}: after 'random:' give a timm name (and optionally "
-                          f"':<seed>'), e.g. 'random:vit_base_patch16_224'{_close_names(arch)}.")
+                          f"':<seed>'), e.g. 'random:vit_base_patch16_224'{close_names(arch)}.")
     if is_timm_name(text):
         chosen_scale = resolve_scale(scale)
         use_hub = uses_pretrained_weights(chosen_scale, pretrained)
@@ -134,31 +132,7 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
                             img_size=full_scale_img_size(text))
     raise SelaggError(f"Unknown backbone {text!r}: use a tiny name ({', '.join(TINY_NAMES)}), a local .safetensors "
                       f"checkpoint, 'random:<timm name>', or a timm name such as {FULL_NAMES[0]!r} "
-                      f"(pretrained weights need the full scale){_close_names(text)}.")
-
-
-def is_timm_name(text: str) -> bool:
-    """Whether timm knows the architecture and, when a `.tag` is given, that pretrained tag."""
-    import timm
-
-    if not timm.is_model(text):
-        return False
-    try:
-        timm.models.get_pretrained_cfg(text)
-    except RuntimeError:  # "Invalid pretrained tag"
-        return False
-    return True
-
-
-def _close_names(text: str) -> str:
-    """', did you mean ...?' with up to three close timm or tiny names, or ''."""
-    import difflib
-
-    import timm
-
-    candidates = [*TINY_NAMES, *timm.list_models(pretrained=True), *timm.list_models()]
-    close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.75)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+                      f"(pretrained weights need the full scale){close_names(text)}.")
 
 
 def full_scale_img_size(arch: str) -> int | None:
@@ -339,6 +313,20 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
                           f"{len(unexpected)} unexpected); give the checkpoint of that architecture, or name the "
                           "architecture the file was trained with.")
     model.load_state_dict(state)
+
+
+def check_images_fit(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Refuse a batch whose channels or size the ViT cannot read (a tiny backbone given 224-pixel colour images)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not isinstance(images, torch.Tensor) or images.ndim != 4:
+        return
+    want = (int(embed.proj.in_channels), *(tuple(embed.img_size) if getattr(embed, "strict_img_size", True)
+                                           and not getattr(embed, "dynamic_img_size", False) else ()))
+    if tuple(images.shape[1:1 + len(want)]) != want:
+        raise SelaggError(f"The backbone reads images of {' x '.join(map(str, want))} (channels x height x width), but "
+                          f"the dataset gives {' x '.join(map(str, images.shape[1:]))}; read the dataset as the "
+                          "backbone expects (data.load_split(settings, split, models.data_config(name))), or pick a "
+                          "backbone of the scale the dataset belongs to.")
 
 
 def vit_config(model: VisionTransformer) -> dict:

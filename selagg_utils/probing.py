@@ -23,8 +23,9 @@ from timm.scheduler import CosineLRScheduler
 from .aggregation import HEAD_KINDS, Aggregator, make_head
 from .checks import (first_nonfinite_item, notice, options_object, real_number, sequence_of, whole_number,
                      whole_number_fields)
+from .devices import resolve_device
 from .errors import SelaggError
-from .features import TokenSet
+from .features import TokenSet, check_same_source
 from .models import TokenLayout, token_layout
 from .optim import OPTIMIZERS, make_optimizer
 from .progress import progress_bar
@@ -212,6 +213,7 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
     """
     seeds = checked_seeds(seeds)
     check_probe_inputs(recipe, train, val, test)
+    resolve_device(device)  # a device this machine lacks: a sentence before any work
     num_classes = max(train.num_classes, val.num_classes)
     k = len(recipe.lrs)
     heads = [probe_head(head_name, train, num_classes, s, **head_kwargs) for s in seeds for _ in range(k)]
@@ -261,6 +263,7 @@ def check_probe_inputs(recipe: ProbeRecipe, train: TokenSet, val: TokenSet, test
             raise SelaggError(f"The {name} split's tokens (width, prefix tokens, [cls], grid = {layout}) differ from "
                               "the train split's; probe tokens of one backbone and block in every split.")
         check_finite_tokens(tokens, name)
+    check_same_source(splits)
 
 
 _FINITE_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
