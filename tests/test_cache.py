@@ -201,25 +201,6 @@ def test_a_read_only_folder_is_refused_before_extraction(tmp_path, data, monkeyp
         feat.cached_tokens("tiny-random", data, options=QUIET, directory=folder)
 
 
-@pytest.fixture
-def file_size_limit():
-    """A real limit on the size of any file this process writes (RLIMIT_FSIZE), as a full disk would set."""
-    resource = pytest.importorskip("resource")
-    signal = pytest.importorskip("signal")
-    if not hasattr(signal, "SIGXFSZ"):
-        pytest.skip("no SIGXFSZ on this system")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes beyond the limit then fail with EFBIG
-
-    def limit(size: int | None) -> None:
-        """Files may grow to `size` bytes; None restores the limit the test started with."""
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft if size is None else size, hard))
-
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
-
-
 def test_a_disk_that_refuses_the_write_keeps_the_tokens(cache, data, file_size_limit, capsys):
     file_size_limit(50_000)  # the entry needs about 200 kB
     try:

@@ -245,3 +245,49 @@ def test_a_cap_below_the_number_of_classes_is_refused_by_the_data():
     with pytest.raises(SelaggError, match="max_images=5 is fewer than the 10 classes"):
         stratified_subset(data, 5)
     assert len(stratified_subset(data, 10)) == 10
+
+
+# ----------------------------------------------------------------------------- the scripts
+def load_train_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_probes.py"
+    spec = importlib.util.spec_from_file_location("train_probes_script_faults", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra, words", [([], "holds no readable index.json"),
+                                          (["--seeds", "-1"], "seed=-1"), (["--epochs", "0"], "epochs=0")])
+def test_the_probe_script_prints_the_sentence_and_exits_with_2(tmp_path, capsys, extra, words):
+    script = load_train_script()
+    code = script.main(["--train", str(tmp_path / "none"), "--val", str(tmp_path / "none"), "--head", "cls", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("SelaggError: ") and words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("out", ["folder", "/proc/selagg-results/r.json"])
+def test_the_probe_script_checks_its_output_before_training(tmp_path, monkeypatch, capsys, out):
+    script = load_train_script()
+    monkeypatch.setattr(script, "load_part", lambda path, info: pytest.fail("trained before checking --out"))
+    target = tmp_path if out == "folder" else out
+    assert script.main(["--train", "a", "--val", "b", "--head", "cls", "--out", str(target)]) == 2
+    assert "SelaggError: " in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_a_store_is_a_sentence_and_a_rerun_finishes(tmp_path, file_size_limit):
+    from selagg_utils.shards import StoreOptions, extract_to_store
+
+    data = cluttered_digits("val", n_images=6)
+    quiet = ExtractOptions(batch_size=6, progress=False)
+    file_size_limit(20_000)  # a shard of 4 images needs about 67 kB
+    try:
+        with pytest.raises(SelaggError, match="Could not write shard-00000.safetensors.*0 complete shard"):
+            extract_to_store("tiny-random", data, tmp_path / "s", store=StoreOptions(4), options=quiet)
+    finally:
+        file_size_limit(None)
+    assert not list((tmp_path / "s").glob("*.tmp")) and not list((tmp_path / "s").glob("shard-*"))
+    store = extract_to_store("tiny-random", data, tmp_path / "s", store=StoreOptions(4), options=quiet)
+    assert len(store) == 6
