@@ -291,3 +291,81 @@ def test_a_full_disk_while_writing_a_store_is_a_sentence_and_a_rerun_finishes(tm
     assert not list((tmp_path / "s").glob("*.tmp")) and not list((tmp_path / "s").glob("shard-*"))
     store = extract_to_store("tiny-random", data, tmp_path / "s", store=StoreOptions(4), options=quiet)
     assert len(store) == 6
+
+
+# ----------------------------------------------------------------------------- image folders that lie
+def image_tree(root, per_class: int = 5):
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            (root / part / cls).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (16, 16), (60 * c, 10 * i, 200)).save(root / part / cls / f"{i}.png")
+    return root
+
+
+def test_hidden_folders_are_never_classes_or_images(tmp_path, capsys):
+    from PIL import Image
+
+    from selagg_utils.imagenette import image_folder
+
+    root = image_tree(tmp_path)
+    for where in ("train/.ipynb_checkpoints", "val/.ipynb_checkpoints", "train/a/.ipynb_checkpoints"):
+        (root / where).mkdir()
+        Image.new("RGB", (16, 16)).save(root / where / "0-checkpoint.png")
+    test = image_folder(root, "test", image_size=16)
+    assert test.classes == ["a", "b"] and len(test) == 10
+    assert len(image_folder(root, "train", image_size=16).dataset) == 10
+    assert capsys.readouterr().err.count(".ipynb_checkpoints") == 2  # said once per folder
+
+
+@pytest.mark.parametrize("link, words", [("val/b/x.png -> train/a/0.png", "are one file"),
+                                         ("train/b/x.png -> train/a/0.png", "are one file"),
+                                         ("train/a/loop -> train/a", "link back to a folder already read"),
+                                         ("val/a/x.png -> nowhere.png", "is a link to nothing")])
+def test_links_that_would_duplicate_an_image_or_never_end_are_refused(tmp_path, link, words):
+    import os
+
+    from selagg_utils.imagenette import image_folder
+
+    root = image_tree(tmp_path)
+    name, target = link.split(" -> ")
+    os.symlink(root / target, root / name)
+    with pytest.raises(SelaggError, match=words):
+        image_folder(root, "test", image_size=16)
+
+
+def test_a_link_to_an_image_elsewhere_is_followed(tmp_path):
+    import os
+
+    from selagg_utils.imagenette import image_folder
+
+    root = image_tree(tmp_path / "data")
+    (root / "val" / "a" / "0.png").rename(tmp_path / "outside.png")
+    os.symlink(tmp_path / "outside.png", root / "val" / "a" / "0.png")
+    assert len(image_folder(root, "test", image_size=16)) == 10
+
+
+def test_images_of_16_bits_are_decoded_at_their_depth_and_32_bit_ones_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from selagg_utils.imagenette import rgb_image
+
+    grey = (np.arange(256).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    assert np.array_equal(np.asarray(rgb_image(str(tmp_path / "deep.png")))[..., 0], np.arange(256).reshape(16, 16))
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(SelaggError, match="float.tif.*range cannot be told"):
+        rgb_image(str(tmp_path / "float.tif"))
+
+
+def test_a_class_too_small_to_be_in_both_carved_splits_is_refused(tmp_path):
+    from selagg_utils.imagenette import image_folder
+
+    root = image_tree(tmp_path)
+    for i in range(1, 5):
+        (root / "train" / "b" / f"{i}.png").unlink()
+    with pytest.raises(SelaggError, match="class 'b'.*too few images to be in both"):
+        image_folder(root, "train", image_size=16, val_fraction=0.5)
