@@ -38,7 +38,7 @@ from .errors import SelaggError
 from .extraction import (EntrySink, ExtractOptions, check_extraction_inputs, compute_precision, extract_blocks,
                          extract_pooled, float16_options, loader_workers)
 from .models import TokenLayout, data_config, load_backbone, token_layout
-from .token_store import DamagedEntry, EntryFile, read_entry
+from .token_store import DamagedEntry, EntryFile, UnreadableEntry, read_entry
 
 __all__ = ["TokenSet", "token_source", "check_same_source", "PooledFeatures", "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
            "save_entry", "load_entry", "token_meta", "stored_layout", "CHUNK_BYTES"]
@@ -241,6 +241,11 @@ def loaded_entry(path: Path, key: dict, quiet: bool = False,
         return None
     try:
         return load(path, key)
+    except UnreadableEntry as err:
+        if not quiet:
+            notice(f"The cache entry {path} cannot be read by this user ({err}); extracting its tokens again (its "
+                   f"owner can share it: chmod g+r {path}, in a folder of the group).")
+        return None
     except DamagedEntry as err:
         if not quiet:
             notice(f"The cache entry {path} is damaged ({err}); extracting its tokens again.")
