@@ -17,7 +17,9 @@ __all__ = ["knn_accuracy", "logistic_probe_accuracy", "ridge_accuracy", "positio
 
 
 def check_features(train: torch.Tensor, test: torch.Tensor) -> None:
-    """Raise a SelaggError for empty features or a feature row (image) with NaN or infinity."""
+    """Raise a SelaggError for empty features, features of two backbones, or a feature row (image) with NaN or
+    infinity."""
+    check_same_source({"train": train, "test": test}, "features")
     for split, x in (("train", train), ("test", test)):
         if x.shape[-2] == 0:
             raise SelaggError(f"The {split} features hold no images; pass at least one feature row per split.")

@@ -141,7 +141,7 @@ def two_backbones(tmp_path_factory):
 
 def test_splits_of_two_backbones_are_refused(two_backbones):
     from selagg_utils.ddp_probing import train_probes_distributed
-    from selagg_utils.linear_eval import position_accuracy
+    from selagg_utils.linear_eval import knn_accuracy, logistic_probe_accuracy, position_accuracy, ridge_accuracy
 
     mae, jea = two_backbones["tiny-mae"], two_backbones["tiny-jea"]
     recipe = ProbeRecipe(**QUICK)
@@ -153,6 +153,10 @@ def test_splits_of_two_backbones_are_refused(two_backbones):
         train_probes_distributed("cls", mae["train"], jea["val"], recipe=recipe)
     with pytest.raises(SelaggError, match="come from 'tiny-jea'"):
         position_accuracy(mae["train"], jea["val"])
+    for evaluate in (knn_accuracy, logistic_probe_accuracy, ridge_accuracy):
+        with pytest.raises(SelaggError, match="test split's features come from 'tiny-jea'"):
+            evaluate(mae["train"].cls, mae["train"].labels, jea["val"].mean_patches, jea["val"].labels)
+    assert knn_accuracy(mae["train"].cls, mae["train"].labels, mae["val"].cls, mae["val"].labels) >= 0
     assert train_probe("cls", mae["train"], mae["val"], recipe=recipe).val >= 0  # one backbone: trains
 
 
@@ -266,6 +270,31 @@ def test_the_probe_script_prints_the_sentence_and_exits_with_2(tmp_path, capsys,
     code = script.main(["--train", str(tmp_path / "none"), "--val", str(tmp_path / "none"), "--head", "cls", *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("SelaggError: ") and words in err and "Traceback" not in err
+
+
+def test_the_probe_script_refuses_stores_of_two_backbones(tmp_path, capsys):
+    from selagg_utils.shards import StoreOptions, extract_to_store
+
+    quiet = ExtractOptions(batch_size=8, progress=False)
+    for name, split in (("tiny-mae", "train"), ("tiny-jea", "val")):
+        extract_to_store(name, cluttered_digits(split, n_images=8), tmp_path / split, store=StoreOptions(8),
+                         options=quiet)
+    code = load_train_script().main(["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--head",
+                                     "cls", "--epochs", "1", "--batch-size", "4"])
+    assert code == 2 and "val split's tokens come from 'tiny-jea'" in capsys.readouterr().err
+
+
+def test_the_extraction_script_checks_its_report_path_before_the_work(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "extract_tokens.py"
+    spec = importlib.util.spec_from_file_location("extract_tokens_script_faults", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code = script.main(["--backbone", "tiny-mae", "--dataset", "cluttered-digits", "--split", "val", "--max-images",
+                        "4", "--out", str(tmp_path / "store"), "--report", str(tmp_path)])
+    assert code == 2 and "is a folder" in capsys.readouterr().err and not (tmp_path / "store").exists()
 
 
 @pytest.mark.parametrize("out", ["folder", "/proc/selagg-results/r.json"])
@@ -415,3 +444,13 @@ def test_an_entry_another_user_cannot_read_is_not_called_damaged():
     shutil.rmtree(folder, ignore_errors=True)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "cannot be read by this user" in second.stderr and "damaged" not in second.stderr
+
+
+def test_a_book_checkpoint_whose_file_is_garbage_under_a_matching_manifest_is_a_sentence(tmp_path):
+    from selagg_utils.checkpoints import sha256_of
+
+    path = tmp_path / "mine.safetensors"
+    path.write_bytes(b"\x08" + b"\x00" * 7 + b"{broken")
+    (tmp_path / "mine.json").write_text(json.dumps({"sha256": sha256_of(path), "model_config": {}}))
+    with pytest.raises(SelaggError, match="Could not read mine.safetensors"):
+        load_backbone(str(path))
