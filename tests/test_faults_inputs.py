@@ -454,3 +454,11 @@ def test_a_book_checkpoint_whose_file_is_garbage_under_a_matching_manifest_is_a_
     (tmp_path / "mine.json").write_text(json.dumps({"sha256": sha256_of(path), "model_config": {}}))
     with pytest.raises(SelaggError, match="Could not read mine.safetensors"):
         load_backbone(str(path))
+
+
+def test_attention_statistics_of_images_the_backbone_cannot_read_are_a_sentence():
+    from selagg_utils.attention import attention_statistics
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(2, 3, 64, 64)), batch_size=2)
+    with pytest.raises(SelaggError, match="reads images of 1 x 32 x 32.*gives 3 x 64 x 64"):
+        attention_statistics(load_backbone("tiny-mae"), loader, progress=False)
