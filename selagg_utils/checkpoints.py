@@ -148,6 +148,10 @@ def read_weights_file(path: str | os.PathLike) -> dict:
     except MemoryError:
         raise
     except Exception as err:  # SafetensorError, UnpicklingError, EOFError, RuntimeError, OSError: a file it cannot read
+        if "Unsupported global" in str(err):  # a training checkpoint with Python objects (its arguments, say)
+            raise SelaggError(f"{path.name} holds Python objects besides tensors (such as training arguments), which "
+                              "are never unpickled here, for safety; save the model's weights alone: "
+                              "torch.save(checkpoint['model'], path), or as .safetensors.") from None
         what = "safetensors" if path.suffix == ".safetensors" else "PyTorch (torch.save)"
         raise SelaggError(f"Could not read {path.name} as a {what} weights file ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); the file is empty, "

@@ -462,3 +462,12 @@ def test_attention_statistics_of_images_the_backbone_cannot_read_are_a_sentence(
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(2, 3, 64, 64)), batch_size=2)
     with pytest.raises(SelaggError, match="reads images of 1 x 32 x 32.*gives 3 x 64 x 64"):
         attention_statistics(load_backbone("tiny-mae"), loader, progress=False)
+
+
+def test_a_training_checkpoint_with_python_objects_is_a_sentence_not_unpickled(tmp_path, donor):
+    import argparse
+
+    path = tmp_path / "train.pth"
+    torch.save({"model": donor[1], "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(SelaggError, match="holds Python objects besides tensors"):
+        load_backbone(f"{ARCH}@{path}")
