@@ -29,7 +29,7 @@ from .checkpoints import temporary_prefix
 from .checks import tensors_digest, update_digest
 from .errors import SelaggError
 from .extraction import EXTRACTION_VERSION, compute_precision, process_device
-from .models import resolve_backbone, token_layout
+from .models import resolve_backbone, token_layout, vit_config
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_dir", "writable_folder", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
            "token_shape", "size_text", "check_disk_space", "state_digest", "backbone_identity", "content_identity",
@@ -114,8 +114,19 @@ def backbone_identity(name: str | os.PathLike, model: torch.nn.Module | None = N
     if model is not None:
         name = str(name)
         label = Path(name).name if name.endswith(".safetensors") else name
-        return {"backbone": label, "weights": "the model passed in", "state_sha256": state_digest(model)}
+        return {"backbone": label, "weights": "the model passed in", "state_sha256": state_digest(model),
+                "architecture": architecture(model)}
     return resolve_backbone(name).identity()
+
+
+def architecture(model: torch.nn.Module) -> dict | str:
+    """What the weights do not say about a model passed in: its class and a ViT's settings (heads per block, say)."""
+    try:
+        heads = [int(block.attn.num_heads) for block in model.blocks]
+        return {"class": type(model).__qualname__, **vit_config(model), "heads": heads,
+                "prefix_tokens": int(getattr(model, "num_prefix_tokens", 0))}
+    except (AttributeError, TypeError, IndexError):  # not a timm ViT: its class is all that can be said
+        return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
 def content_identity(dataset: Dataset) -> dict:

@@ -471,3 +471,12 @@ def test_a_training_checkpoint_with_python_objects_is_a_sentence_not_unpickled(t
     torch.save({"model": donor[1], "args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(SelaggError, match="holds Python objects besides tensors"):
         load_backbone(f"{ARCH}@{path}")
+
+
+def test_a_model_passed_in_is_keyed_by_its_architecture_too():
+    from selagg_utils.models import tiny_vit
+
+    data = cluttered_digits("val", n_images=2)
+    four, eight = tiny_vit(depth=1, num_heads=4), tiny_vit(depth=1, num_heads=8)
+    eight.load_state_dict(four.state_dict())  # the same weights, read by other heads
+    assert cache_key("mine", data, "last", True, model=four) != cache_key("mine", data, "last", True, model=eight)
