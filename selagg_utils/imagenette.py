@@ -53,21 +53,21 @@ def rgb_image(path: str):
 _HIDDEN_SAID: set[str] = set()
 
 
-def _visible(entries) -> list:
-    """The entries whose names do not start with a dot (hidden ones, such as Jupyter's .ipynb_checkpoints, are
-    left out)."""
-    return [e for e in entries if not e.name.startswith(".")]
-
-
-def _class_folders(folder: Path) -> list[str]:
-    """The class folders of `folder`: every visible sub-folder, sorted (hidden ones left out, said once)."""
+def _visible(folder: str | Path) -> list:
+    """The entries of a folder whose names do not start with a dot; hidden ones (Jupyter's .ipynb_checkpoints, say)
+    are left out, said once per folder."""
     entries = list(os.scandir(folder))
     hidden = sorted(e.name for e in entries if e.name.startswith("."))
     if hidden and str(folder) not in _HIDDEN_SAID:
         _HIDDEN_SAID.add(str(folder))
         notice(f"Left out {len(hidden)} hidden file(s) or folder(s) in {folder} ({', '.join(hidden[:3])}); hidden "
                "entries are never classes or images.")
-    return sorted(e.name for e in _visible(entries) if e.is_dir())
+    return [e for e in entries if not e.name.startswith(".")]
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of `folder`: every visible sub-folder, sorted."""
+    return sorted(e.name for e in _visible(folder) if e.is_dir())
 
 
 def _image_files(class_folder: Path) -> list[str]:
@@ -83,7 +83,7 @@ def _image_files(class_folder: Path) -> list[str]:
             raise SelaggError(f"{folder} is a link back to a folder already read ({real}), so its images would count "
                               "twice (or the scan never end); remove that link.")
         seen.add(real)
-        for entry in _visible(os.scandir(folder)):
+        for entry in _visible(folder):
             if entry.is_dir():
                 todo.append(Path(entry.path))
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
