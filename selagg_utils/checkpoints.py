@@ -73,7 +73,7 @@ def remove_orphaned_temporaries(folder: Path, max_age_s: float = 86400.0) -> lis
             if orphan:
                 tmp.unlink()
                 removed.append(tmp)
-        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        except (FileNotFoundError, PermissionError):  # renamed or removed meanwhile; another user's, in a shared folder
             continue
     return removed
 

@@ -55,7 +55,7 @@ def _release_lock(lock: Path, fd: int) -> None:
     """Delete the lock file, then release the lock."""
     try:
         os.unlink(lock)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # gone already, or another user's in a folder that keeps it
         pass
     os.close(fd)
 
