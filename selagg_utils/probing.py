@@ -264,6 +264,13 @@ def check_probe_inputs(recipe: ProbeRecipe, train: TokenSet, val: TokenSet, test
                               "the train split's; probe tokens of one backbone and block in every split.")
         check_finite_tokens(tokens, name)
     check_same_source(splits)
+    trained = set(train.labels.unique().tolist())
+    for name, tokens in splits.items():
+        unseen = sorted(set(tokens.labels.unique().tolist()) - trained)
+        if unseen:
+            raise SelaggError(f"The {name} split holds class(es) {unseen[:5]} that the train split lacks, so no probe "
+                              "could ever predict them and its accuracy would mean little; draw the splits from one "
+                              "dataset with every class in each (an image cap at least the number of classes).")
 
 
 _FINITE_CHECKED: dict[int, tuple[weakref.ref, int]] = {}

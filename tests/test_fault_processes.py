@@ -1,6 +1,6 @@
 """Real faults in real processes: kill -9 in the middle of an extraction and of a write, three processes
-filling one cache entry at once (one extracts, the others wait for its entry), and bit-identical probes
-from fresh processes."""
+filling one cache entry at once (one extracts, the others wait for its entry), bit-identical probes
+from fresh processes, and an entry another user wrote that this one may not read."""
 import os
 import signal
 import subprocess

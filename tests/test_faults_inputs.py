@@ -157,7 +157,14 @@ def test_splits_of_two_backbones_are_refused(two_backbones):
         with pytest.raises(SelaggError, match="test split's features come from 'tiny-jea'"):
             evaluate(mae["train"].cls, mae["train"].labels, jea["val"].mean_patches, jea["val"].labels)
     assert knn_accuracy(mae["train"].cls, mae["train"].labels, mae["val"].cls, mae["val"].labels) >= 0
-    assert train_probe("cls", mae["train"], mae["val"], recipe=recipe).val >= 0  # one backbone: trains
+    assert train_probe("cls", mae["train"], mae["train"].subset(torch.arange(6)), recipe=recipe).val >= 0
+
+
+def test_a_val_or_test_split_with_classes_train_lacks_is_refused():
+    train, val = toy(12, 0), toy(6, 1)
+    train = TokenSet(train.tokens, train.labels.clamp(max=1), train.layout)  # classes 0 and 1 only
+    with pytest.raises(SelaggError, match=r"val split holds class\(es\) \[2\] that the train split lacks"):
+        train_probe("cls", train, val, recipe=ProbeRecipe(**QUICK))
 
 
 def test_splits_of_two_blocks_or_weights_are_refused():
