@@ -251,7 +251,9 @@ def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, tes
     parts = _gathered((len(train), len(val), None if test is None else len(test),
                        (train.dim, train.num_prefix_tokens, train.has_cls, tuple(train.grid_size)),
                        max(int(train.labels.max()), int(val.labels.max()) if len(val) else 0) + 1,
-                       tuple(_whole_split(t) for t in (train, val, test))), info)
+                       tuple(_whole_split(t) for t in (train, val, test)),
+                       (set(train.labels.unique().tolist()), {int(y) for t in (val, test) if t is not None
+                                                               for y in t.labels.unique().tolist()})), info)
     sizes = [p[0] for p in parts]
     n, n_val = sum(sizes), sum(p[1] for p in parts)
     if len({p[3] for p in parts}) > 1:
@@ -260,6 +262,10 @@ def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, tes
     if len({p[5] for p in parts}) > 1:
         raise SelaggError("The processes hold parts of different splits (their keys differ beyond the part each "
                           "holds); give every process its part of the same train, val and test stores.")
+    unseen = sorted(set().union(*(p[6][1] for p in parts)) - set().union(*(p[6][0] for p in parts)))
+    if unseen:
+        raise SelaggError(f"The val or test parts hold class(es) {unseen[:5]} that the train parts lack, so no probe "
+                          "could ever predict them; draw the splits from one dataset with every class in each.")
     if len({p[2] is None for p in parts}) > 1:
         raise SelaggError("Some processes hold a test part and some do not; pass a test part to all or to none.")
     if n < 2 or n_val < 1:

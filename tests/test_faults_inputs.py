@@ -165,6 +165,10 @@ def test_a_val_or_test_split_with_classes_train_lacks_is_refused():
     train = TokenSet(train.tokens, train.labels.clamp(max=1), train.layout)  # classes 0 and 1 only
     with pytest.raises(SelaggError, match=r"val split holds class\(es\) \[2\] that the train split lacks"):
         train_probe("cls", train, val, recipe=ProbeRecipe(**QUICK))
+    from selagg_utils.ddp_probing import train_probes_distributed
+
+    with pytest.raises(SelaggError, match=r"class\(es\) \[2\] that the train parts lack"):
+        train_probes_distributed("cls", train, val, recipe=ProbeRecipe(**QUICK))
 
 
 def test_splits_of_two_blocks_or_weights_are_refused():
