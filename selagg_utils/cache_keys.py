@@ -33,7 +33,8 @@ from .models import resolve_backbone, token_layout, vit_config
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_dir", "writable_folder", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
            "token_shape", "size_text", "check_disk_space", "state_digest", "backbone_identity", "content_identity",
-           "dataset_identity", "transform_identity", "describe_transform", "entry_key", "pooled_key", "cache_key", "key_digest",
+           "dataset_identity", "transform_identity", "describe_transform", "entry_key", "pooled_key", "cache_key",
+           "key_digest",
            "key_text", "entry_path"]
 
 CACHE_ENV = "SELAGG_CACHE"
@@ -231,7 +232,8 @@ def dataset_identity(dataset: Dataset, data_key: str | None = None) -> dict:
 def entry_key(identity: dict, block: int | str, norm: bool, compute: str = "float32") -> dict:
     """The full key of one block's entry, from the weights' and the dataset's identity, the forward precision and the
     version of the code that computes tokens (`extraction.EXTRACTION_VERSION`)."""
-    return {"format": CACHE_FORMAT, "code": EXTRACTION_VERSION, **identity, "block": block, "norm": norm, "dtype": "float16", "compute": compute}
+    return {"format": CACHE_FORMAT, "code": EXTRACTION_VERSION, **identity, "block": block, "norm": norm,
+            "dtype": "float16", "compute": compute}
 
 
 def pooled_key(identity: dict, block: int | str, norm: bool, compute: str = "float32") -> dict:

@@ -27,7 +27,8 @@ from .models import TokenLayout, check_images_fit, token_layout
 from .progress import progress_bar
 from .token_store import EntryFile
 
-__all__ = ["EXTRACTION_VERSION", "ExtractOptions", "process_device", "resolved_options", "float16_options", "extract_tokens",
+__all__ = ["EXTRACTION_VERSION", "ExtractOptions", "process_device", "resolved_options", "float16_options",
+           "extract_tokens",
            "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens", "compute_precision",
            "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
 

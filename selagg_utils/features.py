@@ -41,7 +41,8 @@ from .extraction import (EntrySink, ExtractOptions, check_extraction_inputs, com
 from .models import TokenLayout, data_config, load_backbone, token_layout
 from .token_store import DamagedEntry, EntryFile, UnreadableEntry, read_entry
 
-__all__ = ["TokenSet", "key_source", "remember_source", "source_of", "check_same_source", "PooledFeatures", "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
+__all__ = ["TokenSet", "key_source", "remember_source", "source_of", "check_same_source", "PooledFeatures",
+           "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
            "save_entry", "load_entry", "token_meta", "stored_layout", "CHUNK_BYTES"]
 
 #: `TokenSet.mean_patches` converts this many bytes of float32 tokens at a time.

@@ -25,7 +25,8 @@ from .errors import SelaggError
 from .subsets import CARVE_STREAM, check_split, labels_of, stratified_positions, stratified_subset, subset_of_base
 from .transforms import eval_transform
 
-__all__ = ["rgb_image", "checked_image_folder", "CheckedImageFolder", "image_folder", "IMAGENETTE_URL", "IMAGENETTE_MD5",
+__all__ = ["rgb_image", "checked_image_folder", "CheckedImageFolder", "image_folder", "IMAGENETTE_URL",
+           "IMAGENETTE_MD5",
            "IMAGENETTE_FOLDER", "data_root", "file_md5", "imagenette_archive", "imagenette_folder", "imagenette"]
 
 

@@ -9,16 +9,16 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoints import load_checkpoint, read_manifest, read_weights_file, sha256_of, sub_state, unwrapped_state
 from .backbone_names import RANDOM_INIT_SEED, TINY_NAMES, close_names, is_timm_name
-from .checks import env_flag
+from .checkpoints import load_checkpoint, read_manifest, read_weights_file, sha256_of, sub_state, unwrapped_state
+from .checks import env_flag, notice
 from .errors import SelaggError
 
 __all__ = ["CHECKPOINT_DIR", "TINY_CONFIG", "TINY_NAMES", "FULL_NAMES", "RANDOM_INIT_SEED", "tiny_vit",
            "check_image_size", "tiny_checkpoint_path", "BackboneSpec", "resolve_backbone", "is_timm_name",
            "full_scale_img_size", "data_config", "load_backbone", "uses_pretrained_weights", "weights_cached",
-           "check_weights_reachable", "model_from_checkpoint", "load_weights", "check_images_fit", "vit_config", "TokenLayout",
-           "token_layout"]
+           "check_weights_reachable", "model_from_checkpoint", "load_weights_file", "load_weights", "check_images_fit",
+           "vit_config", "TokenLayout", "token_layout"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -28,7 +28,6 @@ TINY_CONFIG: dict = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, d
 
 #: Full-scale backbones the book uses (timm names); any timm ViT name works too.
 FULL_NAMES = ("vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "vit_small_patch16_224.dino")
-
 
 
 def tiny_vit(**overrides) -> VisionTransformer:
@@ -75,8 +74,9 @@ class BackboneSpec:
         code = {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]}  # they compute the tokens
         if self.kind in ("tiny", "file"):  # the manifest's architecture too: it decides how the weights are used
             manifest = read_manifest(self.path)
-            return {"backbone": self.name if self.kind == "tiny" else self.path.name, "sha256": sha256_of(self.path)
-                    if self.kind == "file" else manifest["sha256"], "model_config": manifest.get("model_config"), **code}
+            weights = {"backbone": self.name, "sha256": manifest["sha256"]} if self.kind == "tiny" else \
+                {"backbone": self.path.name, "sha256": sha256_of(self.path)}
+            return {**weights, "model_config": manifest.get("model_config"), **code}
         size = {"img_size": self.img_size} if self.img_size else {}
         if self.path is not None:  # a timm architecture with weights from a local file
             return {"backbone": self.arch, "weights": self.path.name, "sha256": sha256_of(self.path), **size, **code}
@@ -216,8 +216,6 @@ def load_weights_file(model: VisionTransformer, path: Path, arch: str) -> None:
     """Fill every weight of a timm ViT from a local file, all or nothing: a known nesting or wrapper prefix is
     removed (said in one line), timm's conversions applied, and any weight missing or left over refused."""
     import sys
-
-    from .checks import notice
 
     own = set(model.state_dict())
     state, steps = unwrapped_state(read_weights_file(path), own, path.name)

@@ -34,7 +34,8 @@ from .checkpoints import temporary_prefix
 from .checks import DIGEST_PIECE
 from .errors import SelaggError
 
-__all__ = ["DamagedEntry", "UnreadableEntry", "shared_mode", "EntryLayout", "EntryFile", "PieceDigest", "entry_checksum", "file_checksum",
+__all__ = ["DamagedEntry", "UnreadableEntry", "shared_mode", "EntryLayout", "EntryFile", "PieceDigest",
+           "entry_checksum", "file_checksum",
            "read_entry", "entry_layout", "mapped_state", "tensor_bytes", "UNNAMED_TEMPORARIES",
            "VERIFY_EVERY_LOAD_BYTES", "DTYPE_NAMES"]
 
