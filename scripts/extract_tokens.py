@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         from selagg_utils.extraction import ExtractOptions
         from selagg_utils.shards import StoreOptions, extract_to_store
 
+        if args.report is not None:  # checked before the work, so that a bad path loses nothing
+            from selagg_utils.cache_keys import writable_folder
+
+            if args.report.is_dir():
+                raise SelaggError(f"--report {args.report} is a folder; give the path of a JSON file.")
+            writable_folder(args.report.parent, "report", "pass --report under a folder you can write")
         with process_group(args.backend) as info:
             dataset = split_dataset(args.backbone, args.dataset, args.split, args.max_images)
             start = time.perf_counter()

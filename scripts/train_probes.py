@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selagg_utils.ddp_probing import train_probes_distributed  # noqa: E402
 from selagg_utils.distributed import ProcessInfo, process_group  # noqa: E402
 from selagg_utils.features import TokenSet  # noqa: E402
-from selagg_utils.probing import ProbeRecipe, ProbeResult  # noqa: E402
+from selagg_utils.probing import ProbeRecipe, ProbeResult, checked_seeds  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,8 +85,20 @@ def summary_line(row: dict) -> str:
             f"{row['processes']} process(es), {row['seconds']:.1f} s")
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    args = parse_args(argv)
+def checked_out(out: Path | None) -> None:
+    """Refuse an output path that cannot take the results, before any training (a folder, or one not writable)."""
+    from selagg_utils.cache_keys import writable_folder
+    from selagg_utils.errors import SelaggError
+
+    if out is None:
+        return
+    if out.is_dir():
+        raise SelaggError(f"--out {out} is a folder; give the path of the results file, e.g. {out / 'results.json'}.")
+    writable_folder(out.parent, "results", "pass --out under a folder you can write")
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Train the sweep; rank 0 writes and prints the results and returns them."""
     recipe = recipe_of(args)
     with process_group(args.backend) as info:
         train, train_indices = load_part(args.train, info)
@@ -103,11 +115,25 @@ def main(argv: list[str] | None = None) -> dict | None:
             return None
         row = results_row(results, recipe, seconds, int(sizes[1]), int(sizes[0]), info.world_size)
         if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(row, indent=2))
         print(summary_line(row), flush=True)
         return row
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 when done, 2 with the package's one sentence when an input is wrong."""
+    from selagg_utils.errors import SelaggError
+
+    args = parse_args(argv)
+    try:
+        checked_out(args.out)  # every process, before any work: they all stop alike
+        recipe_of(args), checked_seeds(args.seeds)
+        run(args)
+    except SelaggError as err:
+        print(f"SelaggError: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,7 +22,7 @@ from torch import nn
 from . import devices
 from .checks import all_finite, check_finite_items
 from .errors import SelaggError
-from .models import TokenLayout, token_layout
+from .models import TokenLayout, check_images_fit, token_layout
 from .progress import progress_bar
 
 __all__ = ["STATISTICS", "BLOCK_ONLY", "check_vit", "attention_modules",
@@ -387,6 +387,7 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
             if len(images) == 0:  # an empty batch adds no image: nothing to measure
                 continue
             check_finite_items(images, "Image", acc.n_images, "remove or repair that image before measuring attention")
+            check_images_fit(model, images)
             acc.object_masks = object_masks
             with devices.autocast(dev, autocast):
                 model.forward_features(images.to(dev, non_blocking=True))

@@ -10,13 +10,17 @@ a writable folder with room for the entries before any extraction.
 """
 from __future__ import annotations
 
+import enum
+import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
@@ -24,12 +28,13 @@ from torch.utils.data import Dataset
 from .checkpoints import temporary_prefix
 from .checks import tensors_digest, update_digest
 from .errors import SelaggError
-from .extraction import compute_precision, process_device
-from .models import resolve_backbone, token_layout
+from .extraction import EXTRACTION_VERSION, compute_precision, process_device
+from .models import resolve_backbone, token_layout, vit_config
 
 __all__ = ["CACHE_ENV", "CACHE_FORMAT", "cache_dir", "writable_folder", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
            "token_shape", "size_text", "check_disk_space", "state_digest", "backbone_identity", "content_identity",
-           "dataset_identity", "transform_identity", "entry_key", "pooled_key", "cache_key", "key_digest",
+           "dataset_identity", "transform_identity", "describe_transform", "entry_key", "pooled_key", "cache_key",
+           "key_digest",
            "key_text", "entry_path"]
 
 CACHE_ENV = "SELAGG_CACHE"
@@ -110,8 +115,19 @@ def backbone_identity(name: str | os.PathLike, model: torch.nn.Module | None = N
     if model is not None:
         name = str(name)
         label = Path(name).name if name.endswith(".safetensors") else name
-        return {"backbone": label, "weights": "the model passed in", "state_sha256": state_digest(model)}
+        return {"backbone": label, "weights": "the model passed in", "state_sha256": state_digest(model),
+                "architecture": architecture(model)}
     return resolve_backbone(name).identity()
+
+
+def architecture(model: torch.nn.Module) -> dict | str:
+    """What the weights do not say about a model passed in: its class and a ViT's settings (heads per block, say)."""
+    try:
+        heads = [int(block.attn.num_heads) for block in model.blocks]
+        return {"class": type(model).__qualname__, **vit_config(model), "heads": heads,
+                "prefix_tokens": int(getattr(model, "num_prefix_tokens", 0))}
+    except (AttributeError, TypeError, IndexError):  # not a timm ViT: its class is all that can be said
+        return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
 def content_identity(dataset: Dataset) -> dict:
@@ -161,15 +177,46 @@ def items_digest(dataset: Dataset) -> str:
     return digest.hexdigest()
 
 
-def transform_identity(dataset: Dataset) -> str:
-    """What the dataset does to its stored images before they reach the model."""
+def transform_identity(dataset: Dataset) -> str | dict:
+    """What the dataset does to its stored images (and labels) before they reach the model, described in full."""
     base = dataset
     while isinstance(base, torch.utils.data.Subset):
         base = base.dataset
-    transform = getattr(base, "transform", None)
-    if transform is None:
+    transform, target = getattr(base, "transform", None), getattr(base, "target_transform", None)
+    if transform is None and target is None:
         return "none (tensors as stored)"
-    return repr(transform)
+    described = {"transform": describe_transform(transform, "transform")}
+    return {**described, "target_transform": describe_transform(target, "target_transform")} if target else described
+
+
+def describe_transform(step, where: str, depth: int = 0):
+    """A transform as plain data: each object's class and every public attribute, tensors by digest; a SelaggError
+    for a function (a Lambda's, say), whose effect no description can capture."""
+    if step is None or isinstance(step, (bool, int, float, str)):
+        return step
+    if isinstance(step, enum.Enum):
+        return f"{type(step).__qualname__}.{step.name}"
+    if isinstance(step, (torch.Tensor, np.ndarray)):
+        return {"tensor_sha256": tensors_digest({"t": torch.as_tensor(step)})}
+    if isinstance(step, (list, tuple)):
+        return [describe_transform(s, f"{where}[{i}]", depth + 1) for i, s in enumerate(step)]
+    if isinstance(step, dict):
+        return {str(k): describe_transform(v, f"{where}[{k!r}]", depth + 1) for k, v in step.items()}
+    if isinstance(step, type):
+        return f"class {step.__module__}.{step.__qualname__}"
+    state = getattr(step, "__dict__", None)
+    if depth > 20 or inspect.isroutine(step) or isinstance(step, functools.partial) or state is None:
+        raise SelaggError(f"The dataset's {where} is {type(step).__name__} {step!r:.60}, whose effect the cache key "
+                          "cannot describe (two different ones would share an entry); use torchvision's or timm's "
+                          "transform classes, or pass data_key='...' naming the images, labels and transform.")
+    described = {"class": f"{type(step).__module__}.{type(step).__qualname__}"}
+    for name, value in sorted(state.items()):
+        if not name.startswith("_") and name != "training":
+            described[name] = describe_transform(value, f"{where}.{name}", depth + 1)
+    if isinstance(step, torch.nn.Module):
+        described["modules"] = {n: describe_transform(m, f"{where}.{n}", depth + 1) for n, m in step._modules.items()}
+        described["state_sha256"] = tensors_digest(dict(step.state_dict()))
+    return described
 
 
 def dataset_identity(dataset: Dataset, data_key: str | None = None) -> dict:
@@ -183,8 +230,10 @@ def dataset_identity(dataset: Dataset, data_key: str | None = None) -> dict:
 
 
 def entry_key(identity: dict, block: int | str, norm: bool, compute: str = "float32") -> dict:
-    """The full key of one block's entry, from the weights' and the dataset's identity and the forward precision."""
-    return {"format": CACHE_FORMAT, **identity, "block": block, "norm": norm, "dtype": "float16", "compute": compute}
+    """The full key of one block's entry, from the weights' and the dataset's identity, the forward precision and the
+    version of the code that computes tokens (`extraction.EXTRACTION_VERSION`)."""
+    return {"format": CACHE_FORMAT, "code": EXTRACTION_VERSION, **identity, "block": block, "norm": norm,
+            "dtype": "float16", "compute": compute}
 
 
 def pooled_key(identity: dict, block: int | str, norm: bool, compute: str = "float32") -> dict:

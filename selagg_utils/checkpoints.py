@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from .errors import SelaggError
 
 __all__ = ["sha256_of", "manifest_path", "TEMPORARY", "host_tag", "temporary_prefix", "process_alive",
-           "remove_orphaned_temporaries", "save_checkpoint", "read_manifest", "load_checkpoint", "sub_state"]
+           "remove_orphaned_temporaries", "save_checkpoint", "read_manifest", "load_checkpoint", "sub_state",
+           "read_weights_file", "WRAPPER_NESTS", "WRAPPER_PREFIXES", "unwrapped_state"]
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -72,7 +73,7 @@ def remove_orphaned_temporaries(folder: Path, max_age_s: float = 86400.0) -> lis
             if orphan:
                 tmp.unlink()
                 removed.append(tmp)
-        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        except (FileNotFoundError, PermissionError):  # renamed or removed meanwhile; another user's, in a shared folder
             continue
     return removed
 
@@ -128,9 +129,67 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if actual != manifest.get("sha256"):
         raise SelaggError(f"Checkpoint {path.name} does not match its manifest (sha256 {actual[:12]}… "
                           f"instead of {str(manifest.get('sha256'))[:12]}…): refusing to load a changed or damaged file.")
-    return load_file(str(path)), manifest
+    return read_weights_file(path), manifest
 
 
 def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix.`, with the prefix removed."""
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def read_weights_file(path: str | os.PathLike) -> dict:
+    """The tensors of a .safetensors file, or what a .pth/.bin file holds (read with weights_only), or a SelaggError
+    naming the file when it is empty, truncated or not such a file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # SafetensorError, UnpicklingError, EOFError, RuntimeError, OSError: a file it cannot read
+        if "Unsupported global" in str(err):  # a training checkpoint with Python objects (its arguments, say)
+            raise SelaggError(f"{path.name} holds Python objects besides tensors (such as training arguments), which "
+                              "are never unpickled here, for safety; save the model's weights alone: "
+                              "torch.save(checkpoint['model'], path), or as .safetensors.") from None
+        what = "safetensors" if path.suffix == ".safetensors" else "PyTorch (torch.save)"
+        raise SelaggError(f"Could not read {path.name} as a {what} weights file ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'}); the file is empty, "
+                          "truncated or of another kind: download or save it again.") from None
+
+
+#: Where training repositories nest a model's weights in a checkpoint (MAE: 'model'; DINO: 'teacher').
+WRAPPER_NESTS = ("model", "state_dict", "teacher", "model_ema", "module")
+#: Prefixes training code puts before a model's weight names (DistributedDataParallel, DINO, this book's files).
+WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "teacher.", "encoder.")
+
+
+def unwrapped_state(state, own: set[str], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights of a checkpoint with a known nesting ('model', 'state_dict', ...) and wrapper prefixes
+    ('module.', 'backbone.', ...) removed, as far as they do not belong to the model's own names (`own`), and
+    the steps taken, in words."""
+    steps = []
+    while isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        nest = next((k for k in WRAPPER_NESTS if isinstance(state.get(k), dict)), None)
+        if nest is None:
+            kinds = sorted({type(v).__name__ for v in state.values() if not isinstance(v, torch.Tensor)})
+            raise SelaggError(f"{source} holds {', '.join(kinds)} values besides tensors but none of the known "
+                              f"places of a model's weights ({', '.join(map(repr, WRAPPER_NESTS))}); save the "
+                              "model's state_dict alone (torch.save(model.state_dict(), path)).")
+        steps.append(f"took the weights under {nest!r}")
+        state = state[nest]
+    if not isinstance(state, dict) or not state:
+        raise SelaggError(f"{source} holds no named tensors; save a model's state_dict (safetensors or torch.save).")
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            inside = [k for k in state if k.startswith(prefix)]
+            if inside and not own & set(inside) and (len(inside) == len(state) or not own & set(state)):
+                others = sorted(k for k in state if not k.startswith(prefix))
+                dropped = f", leaving out {len(others)} weights outside it ({', '.join(others[:2])}" \
+                          f"{', ...' if len(others) > 2 else ''})" if others else ""
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                steps.append(f"removed the prefix {prefix!r}{dropped}")
+                changed = True
+    return state, steps

@@ -17,7 +17,8 @@ import torch
 from .errors import SelaggError
 
 __all__ = ["all_finite", "first_nonfinite_item", "check_finite_items", "update_digest", "DIGEST_PIECE",
-           "tensors_digest", "notice", "whole_number", "whole_number_fields", "real_number", "options_object"]
+           "tensors_digest", "notice", "whole_number", "whole_number_fields", "real_number", "options_object",
+           "env_flag", "sequence_of"]
 
 #: Bits of the exponent of each half-precision format: all set means inf or NaN.
 _EXPONENT_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -128,3 +129,28 @@ def real_number(value, name: str, minimum: float, remedy: str, strictly: bool = 
                 (f" and below {maximum:g}" if maximum is not None else "")
         raise SelaggError(f"{name}={value!r} is not accepted: it must be a finite number {bound}; {remedy}.")
     return float(value)
+
+
+#: The spellings an environment variable may use for yes and no.
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(var: str, default: bool) -> bool:
+    """A yes/no environment variable: unset or empty gives `default`; 1/true/yes/on and 0/false/no/off in any case;
+    anything else a SelaggError."""
+    raw = os.environ.get(var, "").strip().lower()
+    if not raw:
+        return default
+    if raw in TRUE_WORDS or raw in FALSE_WORDS:
+        return raw in TRUE_WORDS
+    raise SelaggError(f"{var}={os.environ[var]!r} is not accepted: give one of {', '.join(TRUE_WORDS)} or "
+                      f"{', '.join(FALSE_WORDS)}, or unset it.")
+
+
+def sequence_of(values, name: str, example: str) -> tuple:
+    """`values` as a tuple when it is a list, tuple, range or array (read once, never consumed), else a SelaggError:
+    a generator or iterator would be used up by its check and leave nothing to train with."""
+    if isinstance(values, (list, tuple, range, np.ndarray, torch.Tensor)):
+        return tuple(values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else values)
+    raise SelaggError(f"{name}={values!r} is not accepted: give a list or tuple (a generator or iterator is used "
+                      f"up once read), e.g. {name}={example}.")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .backbone_names import check_full_scale_name
+from .checks import env_flag, notice
 from .devices import half_dtype, resolve_device
 from .errors import SelaggError
 
@@ -22,7 +24,7 @@ MORE_VAR = "SELAGG_MORE_BACKBONES"
 MORE_BACKBONES = ("vit_base_patch14_reg4_dinov2.lvd142m", "vit_huge_patch14_gap_224.in1k_ijepa")
 
 __all__ = ["SCALES", "ENV_VAR", "MAX_IMAGES_VAR", "MORE_VAR", "MORE_BACKBONES", "scale", "ScaleSettings", "max_images",
-           "more_backbones", "settings", "device", "half_dtype", "seed_everything", "describe"]
+           "more_backbones", "DATASET_CLASSES", "settings", "device", "half_dtype", "seed_everything", "describe"]
 
 
 def scale(value: str | None = None) -> str:
@@ -72,14 +74,30 @@ def more_backbones() -> tuple[str, ...]:
     return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
+#: Classes of each scale's dataset: an image cap below it leaves classes out of some splits.
+DATASET_CLASSES = {"cluttered-digits": 10, "imagenette": 10}
+
+
 def settings(value: str | None = None) -> ScaleSettings:
-    """The backbones, dataset and sizes of a scale."""
-    if scale(value) == "tiny":
-        return ScaleSettings("tiny", "tiny-mae", "tiny-jea", "tiny-random", "cluttered-digits", 256, 5000, 2000)
+    """The backbones, dataset and sizes of a scale, checked whole (image cap, every backbone name, flags) before any
+    work."""
     cap = max_images()
+    if scale(value) == "tiny":
+        if cap is not None:
+            notice(f"{MAX_IMAGES_VAR}={cap} applies to the full scale only; the tiny scale draws its own 5000 "
+                   "training and 2000 evaluation images (unset it, or set SELAGG_SCALE=full).")
+        return ScaleSettings("tiny", "tiny-mae", "tiny-jea", "tiny-random", "cluttered-digits", 256, 5000, 2000)
+    if cap is not None and cap < DATASET_CLASSES["imagenette"]:
+        raise SelaggError(f"{MAX_IMAGES_VAR}={cap} is fewer images per split than imagenette's "
+                          f"{DATASET_CLASSES['imagenette']} classes, so the splits would not share their classes and "
+                          f"every accuracy would mean nothing; give at least {DATASET_CLASSES['imagenette']} (e.g. "
+                          "500), or unset it.")
+    more = more_backbones()
+    for name in more:
+        check_full_scale_name(name, MORE_VAR)
+    env_flag("SELAGG_PRETRAINED", True)  # a misspelt flag is refused now, not when the first backbone loads
     return ScaleSettings("full", "vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "random:vit_base_patch16_224",
-                         "imagenette", 128, cap, cap,
-                         more=more_backbones())
+                         "imagenette", 128, cap, cap, more=more)
 
 
 def device(prefer: str | None = None, scale_name: str | None = None) -> torch.device:

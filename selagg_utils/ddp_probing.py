@@ -11,6 +11,8 @@ accuracies are correct counts summed across processes.
 """
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from .checks import options_object, whole_number, whole_number_fields
 from .distributed import ProcessInfo, current_process
 from .errors import SelaggError
-from .features import TokenSet
+from .features import TokenSet, check_same_source
 from .models import TokenLayout
 from .probing import (ProbeRecipe, ProbeResult, check_finite_tokens, checked_seeds, fit_stack, probe_head,
                       usable_accuracies)
@@ -189,12 +191,22 @@ def _part_problem(train: TokenSet, val: TokenSet, test: TokenSet | None, indices
             check_finite_tokens(part, name)
         except SelaggError as err:
             return str(err)
+    try:
+        check_same_source(splits)
+    except SelaggError as err:
+        return str(err)
     if indices is not None and (not isinstance(indices, torch.Tensor) or indices.shape != (len(train),)
                                 or indices.dtype.is_floating_point or indices.dtype == torch.bool):
         return (f"train_indices must be a 1-D integer tensor with one global index per image of the train part "
                 f"({len(train)}), got {getattr(indices, 'dtype', type(indices).__name__)} "
                 f"{tuple(getattr(indices, 'shape', ()))}; pass store.part_indices(rank, world).")
     return None
+
+
+def _whole_split(tokens: TokenSet | None) -> str:
+    """The key of the whole split a part belongs to (its part number left out), as text that processes compare."""
+    key = {} if tokens is None else {k: v for k, v in tokens.key.items() if k not in ("part", "parts", "subset")}
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def _global_indices(indices: torch.Tensor | None, sizes: list[int], info: ProcessInfo) -> torch.Tensor:
@@ -238,12 +250,22 @@ def train_probes_distributed(head_name: str, train: TokenSet, val: TokenSet, tes
     _raise_if_any(_part_problem(train, val, test, train_indices), info)
     parts = _gathered((len(train), len(val), None if test is None else len(test),
                        (train.dim, train.num_prefix_tokens, train.has_cls, tuple(train.grid_size)),
-                       max(int(train.labels.max()), int(val.labels.max()) if len(val) else 0) + 1), info)
+                       max(int(train.labels.max()), int(val.labels.max()) if len(val) else 0) + 1,
+                       tuple(_whole_split(t) for t in (train, val, test)),
+                       (set(train.labels.unique().tolist()), {int(y) for t in (val, test) if t is not None
+                                                               for y in t.labels.unique().tolist()})), info)
     sizes = [p[0] for p in parts]
     n, n_val = sum(sizes), sum(p[1] for p in parts)
     if len({p[3] for p in parts}) > 1:
         raise SelaggError(f"The processes hold tokens of different layouts {sorted({p[3] for p in parts})}; "
                           "give every process its part of one store.")
+    if len({p[5] for p in parts}) > 1:
+        raise SelaggError("The processes hold parts of different splits (their keys differ beyond the part each "
+                          "holds); give every process its part of the same train, val and test stores.")
+    unseen = sorted(set().union(*(p[6][1] for p in parts)) - set().union(*(p[6][0] for p in parts)))
+    if unseen:
+        raise SelaggError(f"The val or test parts hold class(es) {unseen[:5]} that the train parts lack, so no probe "
+                          "could ever predict them; draw the splits from one dataset with every class in each.")
     if len({p[2] is None for p in parts}) > 1:
         raise SelaggError("Some processes hold a test part and some do not; pass a test part to all or to none.")
     if n < 2 or n_val < 1:

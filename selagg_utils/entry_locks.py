@@ -30,7 +30,10 @@ def _take_lock(lock: Path, wait: bool = True) -> int | None:
     checked to still be the one locked; if not, the lock is taken again on the new file.
     """
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # another user's lock file in a shared folder: a read-only descriptor locks too
+            fd = os.open(lock, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -52,7 +55,7 @@ def _release_lock(lock: Path, fd: int) -> None:
     """Delete the lock file, then release the lock."""
     try:
         os.unlink(lock)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # gone already, or another user's in a folder that keeps it
         pass
     os.close(fd)
 

@@ -20,18 +20,23 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
 from .checks import check_finite_items, notice, options_object, whole_number, whole_number_fields
-from .devices import half_dtype
+from .devices import half_dtype, resolve_device
 from .distributed import current_process
 from .errors import SelaggError
-from .models import TokenLayout, token_layout
+from .models import TokenLayout, check_images_fit, token_layout
 from .progress import progress_bar
 from .token_store import EntryFile
 
-__all__ = ["ExtractOptions", "process_device", "resolved_options", "float16_options", "extract_tokens",
+__all__ = ["EXTRACTION_VERSION", "ExtractOptions", "process_device", "resolved_options", "float16_options",
+           "extract_tokens",
            "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens", "compute_precision",
            "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
 
 _REPAIR = "remove or repair it, or pass a dataset without it"
+
+#: The version of the code that turns images into tokens (image decoding, forward pass, kept dtype); part of every
+#: cache key and store identity, and raised whenever a change to that code may change a token.
+EXTRACTION_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class ExtractOptions:
         whole_number_fields(self, {"batch_size": (1, "pass the number of images per forward pass, e.g. 256")})
         if self.num_workers is not None:
             loader_workers(self.num_workers, "cpu")
+        if self.device is not None:
+            resolve_device(self.device)  # a device this machine lacks is refused here, not deep in the first batch
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise SelaggError(f"dtype={self.dtype!r} is not accepted: tokens are kept in a floating torch dtype, "
                               "e.g. torch.float16 (the cache's) or torch.float32.")
@@ -91,6 +98,7 @@ def extract_tokens(model: VisionTransformer, dataset: Dataset, batch_size: int =
     for batch in progress_bar(loader, enabled=progress, desc="extracting tokens", leave=False):
         images, y = batch[0], batch[1]
         check_finite_items(images, "Image", sum(len(t) for t in tokens), _REPAIR)
+        check_images_fit(model, images)
         tokens.append(model.forward_features(images.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(tokens), torch.cat(labels)
@@ -167,6 +175,8 @@ def token_batches(model: VisionTransformer, dataset: Dataset, blocks: list[int |
     loader = extraction_loader(dataset, batch_size, device, options.num_workers)
     for batch in progress_bar(loader, enabled=options.progress, desc="extracting tokens", leave=False):
         check_finite_items(batch[0], "Image", done, _REPAIR)
+        if not done:
+            check_images_fit(model, batch[0])
         with torch.autocast(torch.device(device).type, dtype=half) if half is not None else nullcontext():
             per_block = tokens_after(model, batch[0].to(device, non_blocking=True), blocks, options.norm)
         kept = []

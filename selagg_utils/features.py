@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,10 @@ from .errors import SelaggError
 from .extraction import (EntrySink, ExtractOptions, check_extraction_inputs, compute_precision, extract_blocks,
                          extract_pooled, float16_options, loader_workers)
 from .models import TokenLayout, data_config, load_backbone, token_layout
-from .token_store import DamagedEntry, EntryFile, read_entry
+from .token_store import DamagedEntry, EntryFile, UnreadableEntry, read_entry
 
-__all__ = ["TokenSet", "PooledFeatures", "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
+__all__ = ["TokenSet", "key_source", "remember_source", "source_of", "check_same_source", "PooledFeatures",
+           "split_tokens", "cached_tokens", "cached_blocks", "pooled_features",
            "save_entry", "load_entry", "token_meta", "stored_layout", "CHUNK_BYTES"]
 
 #: `TokenSet.mean_patches` converts this many bytes of float32 tokens at a time.
@@ -65,6 +67,9 @@ class TokenSet:
             raise SelaggError("A TokenSet needs tokens of shape (images, tokens, width) and one label per image, "
                               f"got tokens {tuple(getattr(self.tokens, 'shape', ()))} and labels "
                               f"{tuple(getattr(self.labels, 'shape', ()))}; pass what extract_blocks returns.")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise SelaggError(f"A TokenSet's labels are class indices of an integer dtype, got {labels.dtype}; pass "
+                              "labels.long() when they are whole numbers (a float label would be rounded silently).")
         if not isinstance(self.layout, TokenLayout):
             raise SelaggError(f"A TokenSet's layout is a models.TokenLayout, got a {type(self.layout).__name__}; "
                               "read it from the backbone with models.token_layout(model).")
@@ -102,7 +107,7 @@ class TokenSet:
         """The [cls] token of every image, (N, D) float32."""
         if not self.has_cls:
             raise SelaggError("These tokens come from a model without a [cls] token; use .mean_patches instead.")
-        return self.tokens[:, 0].float()
+        return remember_source(self.tokens[:, 0].float(), self.key)
 
     @property
     def patches(self) -> torch.Tensor:
@@ -117,11 +122,64 @@ class TokenSet:
         out = torch.empty(len(patches), self.dim, dtype=torch.float32)
         for i in range(0, len(patches), step):
             out[i:i + step] = patches[i:i + step].float().mean(1)
-        return out
+        return remember_source(out, self.key)
 
     def subset(self, index: torch.Tensor) -> "TokenSet":
         """The same tokens restricted to some images."""
         return TokenSet(self.tokens[index], self.labels[index], self.layout, {**self.key, "subset": True})
+
+
+#: The fields of a cache key or store identity that describe the data, not what made the tokens from it.
+_DATA_FIELDS = frozenset({"format", "code", "data", "transform", "block", "norm", "dtype", "compute", "pooled",
+                          "subset", "store", "part", "parts", "split", "dataset"})
+
+
+def key_source(key: dict) -> dict | None:
+    """What made tokens from their images, read from their key (a cache key or a store identity): the weights'
+    identity, the block and the final norm; None for a key that names no backbone (tokens built by hand)."""
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    if "backbone" not in key:  # tokens built by hand, or a key of the caller's own
+        return None
+    weights = key["backbone"] if isinstance(key["backbone"], dict) else \
+        {k: v for k, v in key.items() if k not in _DATA_FIELDS}
+    return {"weights": weights, "block": key.get("block"), "norm": key.get("norm")}
+
+
+#: The source of each feature tensor handed out by `TokenSet.cls`, `.mean_patches` and `PooledFeatures`, by id.
+_SOURCES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def remember_source(tensor: torch.Tensor, key: dict) -> torch.Tensor:
+    """`tensor`, remembered (while it lives) as made by what `key` names, so that evaluations on features can
+    refuse splits of two backbones."""
+    source = key_source(key)
+    if source is not None:
+        _SOURCES[id(tensor)] = (weakref.ref(tensor, lambda _, i=id(tensor): _SOURCES.pop(i, None)), source)
+    return tensor
+
+
+def source_of(item) -> dict | None:
+    """What made a TokenSet's or PooledFeatures' tokens, or a feature tensor taken from one; None when unknown."""
+    if isinstance(item, (TokenSet, PooledFeatures)):
+        return key_source(item.key)
+    entry = _SOURCES.get(id(item)) if isinstance(item, torch.Tensor) else None
+    return entry[1] if entry is not None and entry[0]() is item else None
+
+
+def check_same_source(splits: dict, what: str = "tokens") -> None:
+    """Refuse splits (TokenSets, PooledFeatures or feature tensors taken from them) whose tokens come from
+    different weights or blocks: a probe trained on one backbone and scored on another prints a number that means
+    nothing."""
+    named = [(name, source) for name, source in ((n, source_of(t)) for n, t in splits.items()) if source is not None]
+    for name, source in named[1:]:
+        first, ref = named[0]
+        if source != ref:
+            def said(s: dict) -> str:
+                return f"{s['weights'].get('backbone', 'a backbone')!r} (block {s['block']})"
+            differ = said(source) if said(source) != said(ref) else f"other weights of {said(source)}"
+            raise SelaggError(f"The {name} split's {what} come from {differ}, the {first} split's from {said(ref)}; "
+                              "every split of a probe must come from one backbone and block: extract them all "
+                              "with the same backbone name and block.")
 
 
 def images_per_chunk(tokens: torch.Tensor) -> int:
@@ -137,6 +195,11 @@ class PooledFeatures:
     mean: torch.Tensor
     labels: torch.Tensor
     key: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for features in (self.cls, self.mean):
+            if isinstance(features, torch.Tensor):
+                remember_source(features, self.key)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -206,6 +269,11 @@ def loaded_entry(path: Path, key: dict, quiet: bool = False,
         return None
     try:
         return load(path, key)
+    except UnreadableEntry as err:
+        if not quiet:
+            notice(f"The cache entry {path} cannot be read by this user ({err}); extracting its tokens again (its "
+                   f"owner can share it: chmod g+r {path}, in a folder of the group).")
+        return None
     except DamagedEntry as err:
         if not quiet:
             notice(f"The cache entry {path} is damaged ({err}); extracting its tokens again.")

@@ -18,45 +18,109 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 
+from .checks import notice
 from .errors import SelaggError
 from .subsets import CARVE_STREAM, check_split, labels_of, stratified_positions, stratified_subset, subset_of_base
 from .transforms import eval_transform
 
-__all__ = ["rgb_image", "checked_image_folder", "image_folder", "IMAGENETTE_URL", "IMAGENETTE_MD5",
+__all__ = ["rgb_image", "checked_image_folder", "CheckedImageFolder", "image_folder", "IMAGENETTE_URL",
+           "IMAGENETTE_MD5",
            "IMAGENETTE_FOLDER", "data_root", "file_md5", "imagenette_archive", "imagenette_folder", "imagenette"]
 
 
 def rgb_image(path: str):
-    """The image file at `path` as an RGB PIL image, or a SelaggError naming the file when it cannot be read."""
+    """The image file at `path` as an RGB PIL image, decoded from its real bit depth (16-bit grey scaled, not
+    clipped), or a SelaggError naming the file when it cannot be read or its range cannot be told."""
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            image.load()
+            if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # 16 bits per pixel
+                wide = np.asarray(image, dtype=np.uint32)
+                return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+            if image.mode in ("I", "F"):
+                raise ValueError(f"its pixels are {image.mode} (32-bit) values whose range cannot be told; save it "
+                                 "with 8 or 16 bits per channel")
+            return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise SelaggError(f"Could not read {path} as an image ({type(err).__name__}: {err}); remove or replace that "
                           "file and run again.") from None
 
 
+_HIDDEN_SAID: set[str] = set()
+
+
+def _visible(folder: str | Path) -> list:
+    """The entries of a folder whose names do not start with a dot; hidden ones (Jupyter's .ipynb_checkpoints, say)
+    are left out, said once per folder."""
+    entries = list(os.scandir(folder))
+    hidden = sorted(e.name for e in entries if e.name.startswith("."))
+    if hidden and str(folder) not in _HIDDEN_SAID:
+        _HIDDEN_SAID.add(str(folder))
+        notice(f"Left out {len(hidden)} hidden file(s) or folder(s) in {folder} ({', '.join(hidden[:3])}); hidden "
+               "entries are never classes or images.")
+    return [e for e in entries if not e.name.startswith(".")]
+
+
 def _class_folders(folder: Path) -> list[str]:
-    """The class folder names ImageFolder would find in `folder` (every sub-folder, sorted)."""
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    """The class folders of `folder`: every visible sub-folder, sorted."""
+    return sorted(e.name for e in _visible(folder) if e.is_dir())
+
+
+def _image_files(class_folder: Path) -> list[str]:
+    """The image files under a class folder, in os.walk's sorted order: hidden entries left out, links followed
+    once, and a link loop or a link to nothing refused."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    found, seen, todo = [], set(), [class_folder]
+    while todo:
+        folder = todo.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise SelaggError(f"{folder} is a link back to a folder already read ({real}), so its images would count "
+                              "twice (or the scan never end); remove that link.")
+        seen.add(real)
+        for entry in _visible(folder):
+            if entry.is_dir():
+                todo.append(Path(entry.path))
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                if not os.path.exists(entry.path):
+                    raise SelaggError(f"{entry.path} is a link to nothing ({os.readlink(entry.path)}); remove it or "
+                                      "restore its target.")
+                found.append(entry.path)
+    return sorted(found, key=lambda p: (os.path.dirname(p), os.path.basename(p)))
 
 
 def _empty_class_folders(folder: Path, classes: list[str]) -> list[str]:
     """The class folders that hold no file ImageFolder accepts as an image."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    return [c for c in classes if not _image_files(folder / c)]
 
-    def holds_images(cls: str) -> bool:
-        return any(name.lower().endswith(IMG_EXTENSIONS)
-                   for _, _, names in os.walk(folder / cls, followlinks=True) for name in names)
-    return [c for c in classes if not holds_images(c)]
+
+def _checked_samples(directory: str, class_to_idx: dict[str, int], *_, **__) -> list[tuple[str, int]]:
+    """(path, label) of every image of an image folder; one file reached twice (through links) is refused."""
+    samples = [(path, label) for cls, label in sorted(class_to_idx.items(), key=lambda c: c[1])
+               for path in _image_files(Path(directory) / cls)]
+    _refuse_twice([path for path, _ in samples])
+    return samples
+
+
+def _refuse_twice(paths: list[str]) -> None:
+    """Refuse image paths of which two are one file (a link to another image): it would count twice, or sit in two
+    classes or two splits."""
+    first: dict[str, str] = {}
+    for path in paths:
+        other = first.setdefault(os.path.realpath(path), path)
+        if other != path:
+            raise SelaggError(f"{path} and {other} are one file (through a link), so that image would count twice or "
+                              "sit in two classes or splits; remove one of them.")
 
 
 def checked_image_folder(folder: Path, transform=None):
     """An ImageFolder over `folder` whose loader names unreadable files; refused when it cannot feed a probe."""
-    from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     classes = _class_folders(folder)
@@ -71,7 +135,17 @@ def checked_image_folder(folder: Path, transform=None):
         raise SelaggError(f"The class folder{'s' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} in {folder} "
                           f"hold{'' if len(empty) > 1 else 's'} no image files ({' '.join(IMG_EXTENSIONS)}); add "
                           "images or remove the folder.")
-    return ImageFolder(str(folder), transform=transform, loader=rgb_image)
+    return CheckedImageFolder(str(folder), transform=transform, loader=rgb_image)
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden entries, with links followed once, and one file never read twice."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = _class_folders(Path(directory))
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    make_dataset = staticmethod(_checked_samples)
 
 
 def _check_same_classes(root: Path) -> None:
@@ -101,6 +175,8 @@ def image_folder(root: str | os.PathLike, split: str, image_size: int | None = N
                                "0.1", strictly=True, maximum=1.0)
     transform = eval_transform(data_config, image_size)
     _check_same_classes(root)
+    _refuse_twice([path for part in ("train", "val") if (root / part).is_dir()  # one image in two splits
+                   for cls in _class_folders(root / part) for path in _image_files(root / part / cls)])
     dataset = checked_image_folder(folder, transform)
     if split != "test":
         dataset = _carved_split(dataset, split, val_fraction, seed)
@@ -114,8 +190,14 @@ def _carved_split(dataset: Dataset, split: str, val_fraction: float, seed: int) 
     if n_val >= n:
         raise SelaggError(f"{dataset.root} holds {n} images, too few to carve a val split of {n_val} and keep a train "
                           "split; add images or lower val_fraction.")
-    val = stratified_positions(labels_of(dataset), n_val, np.random.default_rng([seed, CARVE_STREAM]))
+    labels = labels_of(dataset)
+    val = stratified_positions(labels, n_val, np.random.default_rng([seed, CARVE_STREAM]))
     keep = np.sort(val) if split == "val" else np.setdiff1d(np.arange(n), val)
+    missing = sorted(set(labels.tolist()) - set(np.delete(labels, val).tolist()))
+    if missing:  # a class whose every image went to val: the probe would never see it trained
+        raise SelaggError(f"The class {dataset.classes[missing[0]]!r} of {dataset.root} has too few images to be in "
+                          "both the train and the val split carved from it; add images to it (two at least), or "
+                          "lower val_fraction.")
     return subset_of_base(dataset, keep.tolist())
 
 

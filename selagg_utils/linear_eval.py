@@ -10,14 +10,16 @@ import torch.nn.functional as F
 
 from .checks import all_finite, real_number, whole_number
 from .errors import SelaggError
-from .features import TokenSet
+from .features import TokenSet, check_same_source
 
 __all__ = ["knn_accuracy", "logistic_probe_accuracy", "ridge_accuracy", "position_accuracy", "check_features",
            "POSITION_CHUNK_BYTES"]
 
 
 def check_features(train: torch.Tensor, test: torch.Tensor) -> None:
-    """Raise a SelaggError for empty features or a feature row (image) with NaN or infinity."""
+    """Raise a SelaggError for empty features, features of two backbones, or a feature row (image) with NaN or
+    infinity."""
+    check_same_source({"train": train, "test": test}, "features")
     for split, x in (("train", train), ("test", test)):
         if x.shape[-2] == 0:
             raise SelaggError(f"The {split} features hold no images; pass at least one feature row per split.")
@@ -100,6 +102,7 @@ def position_accuracy(train: TokenSet, test: TokenSet, alpha: float = 1.0, chunk
     Positions are solved `chunk` at a time; by default as many as fit POSITION_CHUNK_BYTES (16 at most),
     so that a full-scale split never needs a float64 copy of all its patch tokens.
     """
+    check_same_source({"train": train, "test": test})
     n = train.patches.shape[1]
     per_position = 3 * 8 * (len(train) + len(test)) * train.dim
     chunk = chunk or max(1, min(16, POSITION_CHUNK_BYTES // per_position))

@@ -9,27 +9,25 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoints import load_checkpoint, read_manifest, sha256_of, sub_state
+from .backbone_names import RANDOM_INIT_SEED, TINY_NAMES, close_names, is_timm_name
+from .checkpoints import load_checkpoint, read_manifest, read_weights_file, sha256_of, sub_state, unwrapped_state
+from .checks import env_flag, notice
 from .errors import SelaggError
 
 __all__ = ["CHECKPOINT_DIR", "TINY_CONFIG", "TINY_NAMES", "FULL_NAMES", "RANDOM_INIT_SEED", "tiny_vit",
            "check_image_size", "tiny_checkpoint_path", "BackboneSpec", "resolve_backbone", "is_timm_name",
            "full_scale_img_size", "data_config", "load_backbone", "uses_pretrained_weights", "weights_cached",
-           "check_weights_reachable", "model_from_checkpoint", "load_weights", "vit_config", "TokenLayout",
-           "token_layout"]
+           "check_weights_reachable", "model_from_checkpoint", "load_weights_file", "load_weights", "check_images_fit",
+           "vit_config", "TokenLayout", "token_layout"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
 #: The tiny ViT every offline chapter uses: 32x32 grayscale, 4x4 patches (an 8x8 grid), 6 blocks.
 TINY_CONFIG: dict = dict(img_size=32, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4,
                          mlp_ratio=4.0, num_classes=0, global_pool="token")
-TINY_NAMES = ("tiny-mae", "tiny-jea", "tiny-random")
 
 #: Full-scale backbones the book uses (timm names); any timm ViT name works too.
 FULL_NAMES = ("vit_base_patch16_224.mae", "vit_base_patch16_224.dino", "vit_small_patch16_224.dino")
-
-#: The seed of every untrained timm backbone, so that "random weights" name one set of weights.
-RANDOM_INIT_SEED = 0
 
 
 def tiny_vit(**overrides) -> VisionTransformer:
@@ -73,20 +71,21 @@ class BackboneSpec:
         """What identifies the weights this spec loads (part of every feature cache key)."""
         import timm
 
-        if self.kind == "tiny":
-            return {"backbone": self.name, "sha256": read_manifest(self.path)["sha256"]}
-        if self.kind == "file":
-            return {"backbone": self.path.name, "sha256": sha256_of(self.path)}
+        code = {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]}  # they compute the tokens
+        if self.kind in ("tiny", "file"):  # the manifest's architecture too: it decides how the weights are used
+            manifest = read_manifest(self.path)
+            weights = {"backbone": self.name, "sha256": manifest["sha256"]} if self.kind == "tiny" else \
+                {"backbone": self.path.name, "sha256": sha256_of(self.path)}
+            return {**weights, "model_config": manifest.get("model_config"), **code}
         size = {"img_size": self.img_size} if self.img_size else {}
         if self.path is not None:  # a timm architecture with weights from a local file
-            return {"backbone": self.arch, "weights": self.path.name, "sha256": sha256_of(self.path), **size}
+            return {"backbone": self.arch, "weights": self.path.name, "sha256": sha256_of(self.path), **size, **code}
         if not self.pretrained:
-            return {"backbone": self.name, "weights": "random", "seed": self.seed, "timm": timm.__version__,
-                    "torch": torch.__version__.split("+")[0], **size}
+            return {"backbone": self.name, "weights": "random", "seed": self.seed, **code, **size}
         cfg = timm.models.get_pretrained_cfg(self.arch)
         source = (cfg.hf_hub_id or cfg.url or "") if cfg is not None else ""
         return {"backbone": self.name, "weights": "pretrained", "tag": getattr(cfg, "tag", None) or "default",
-                "source": source, "timm": timm.__version__, **size}
+                "source": source, **code, **size}
 
 
 def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
@@ -122,7 +121,7 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
             return BackboneSpec(text, "random", arch, seed=int(seed or RANDOM_INIT_SEED),
                                 img_size=full_scale_img_size(arch))
         raise SelaggError(f"Unknown backbone {text!r}: after 'random:' give a timm name (and optionally "
-                          f"':<seed>'), e.g. 'random:vit_base_patch16_224'{_close_names(arch)}.")
+                          f"':<seed>'), e.g. 'random:vit_base_patch16_224'{close_names(arch)}.")
     if is_timm_name(text):
         chosen_scale = resolve_scale(scale)
         use_hub = uses_pretrained_weights(chosen_scale, pretrained)
@@ -133,31 +132,7 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
                             img_size=full_scale_img_size(text))
     raise SelaggError(f"Unknown backbone {text!r}: use a tiny name ({', '.join(TINY_NAMES)}), a local .safetensors "
                       f"checkpoint, 'random:<timm name>', or a timm name such as {FULL_NAMES[0]!r} "
-                      f"(pretrained weights need the full scale){_close_names(text)}.")
-
-
-def is_timm_name(text: str) -> bool:
-    """Whether timm knows the architecture and, when a `.tag` is given, that pretrained tag."""
-    import timm
-
-    if not timm.is_model(text):
-        return False
-    try:
-        timm.models.get_pretrained_cfg(text)
-    except RuntimeError:  # "Invalid pretrained tag"
-        return False
-    return True
-
-
-def _close_names(text: str) -> str:
-    """', did you mean ...?' with up to three close timm or tiny names, or ''."""
-    import difflib
-
-    import timm
-
-    candidates = [*TINY_NAMES, *timm.list_models(pretrained=True), *timm.list_models()]
-    close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.75)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+                      f"(pretrained weights need the full scale){close_names(text)}.")
 
 
 def full_scale_img_size(arch: str) -> int | None:
@@ -206,7 +181,7 @@ def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pre
 def uses_pretrained_weights(scale: str, pretrained: bool | None) -> bool:
     """Whether a timm name loads pretrained weights: if asked for, else at full scale unless SELAGG_PRETRAINED=0."""
     if pretrained is None:  # SELAGG_PRETRAINED=0 runs the full-scale code path offline, with random weights
-        return scale == "full" and os.environ.get("SELAGG_PRETRAINED", "1") != "0"
+        return scale == "full" and env_flag("SELAGG_PRETRAINED", True)
     return bool(pretrained)
 
 
@@ -217,9 +192,7 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
     if spec.img_size:
         kwargs.setdefault("img_size", spec.img_size)
     source = {}
-    if spec.path is not None:
-        source = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(spec.path)))
-    elif spec.pretrained:
+    if spec.pretrained and spec.path is None:
         check_weights_reachable(spec.arch)
         source = dict(pretrained=True)
     try:
@@ -227,10 +200,6 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
             torch.manual_seed(spec.seed if spec.seed is not None else RANDOM_INIT_SEED)
             model = timm.create_model(spec.arch, num_classes=0, **{"pretrained": False, **source}, **kwargs)
     except (OSError, RuntimeError, KeyError, ValueError) as err:
-        if spec.path is not None:
-            raise SelaggError(f"The weights in {spec.path.name} do not fit the architecture {spec.arch!r} "
-                              f"({str(err).splitlines()[0][:200]}); give that architecture's checkpoint, or the "
-                              "timm name of the architecture the file was trained with.") from None
         if spec.pretrained and _looks_offline(err):
             raise SelaggError(f"Could not download the weights of {spec.arch!r}: no network connection; the full "
                               "scale needs internet access once (weights are then cached), the tiny scale runs offline.") from None
@@ -238,7 +207,31 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise SelaggError(f"{spec.arch!r} is a {type(model).__name__}, not a timm VisionTransformer; this book "
                           "works with ViTs (patch tokens plus optional [cls] and register tokens).")
+    if spec.path is not None:
+        load_weights_file(model, spec.path, spec.arch)
     return model
+
+
+def load_weights_file(model: VisionTransformer, path: Path, arch: str) -> None:
+    """Fill every weight of a timm ViT from a local file, all or nothing: a known nesting or wrapper prefix is
+    removed (said in one line), timm's conversions applied, and any weight missing or left over refused."""
+    import sys
+
+    own = set(model.state_dict())
+    state, steps = unwrapped_state(read_weights_file(path), own, path.name)
+    head = sorted(k for k in state if k.split(".")[0] == "head" and k not in own)  # a classifier; the backbone has none
+    state = {k: v for k, v in state.items() if k not in head}
+    steps += [f"left out the classifier {', '.join(head)}"] if head else []
+    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if convert is not None:
+        try:
+            state = convert(state, model)
+        except Exception as err:  # timm's conversions assume its layouts; anything else is a file that does not fit
+            raise SelaggError(f"The weights in {path.name} do not fit the architecture {arch!r} ({type(err).__name__}:"
+                              f" {str(err)[:120]}); give that architecture's checkpoint.") from None
+    load_weights(model, state, path.name, f"the architecture {arch!r}")
+    if steps:
+        notice(f"Read the weights of {arch!r} from {path.name}: {'; '.join(steps)}.")
 
 
 def _looks_offline(err: BaseException) -> bool:
@@ -302,8 +295,9 @@ def model_from_checkpoint(path: str | os.PathLike) -> VisionTransformer:
     return model
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with one clear sentence when names or shapes do not fit the model."""
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                 described: str = "the model its manifest describes") -> None:
+    """load_state_dict, all or nothing: one clear sentence when names or shapes do not fit the model."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -313,8 +307,24 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         detail = "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
                                          f"missing: {', '.join(missing[:3])}" if missing else "",
                                          f"unexpected: {', '.join(unexpected[:3])}" if unexpected else ""]))
-        raise SelaggError(f"The weights in {source} do not fit the model its manifest describes ({detail}).")
+        raise SelaggError(f"The weights in {source} do not fit {described} ({detail}; {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected); give the checkpoint of that architecture, or name the "
+                          "architecture the file was trained with.")
     model.load_state_dict(state)
+
+
+def check_images_fit(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Refuse a batch whose channels or size the ViT cannot read (a tiny backbone given 224-pixel colour images)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not isinstance(images, torch.Tensor) or images.ndim != 4:
+        return
+    want = (int(embed.proj.in_channels), *(tuple(embed.img_size) if getattr(embed, "strict_img_size", True)
+                                           and not getattr(embed, "dynamic_img_size", False) else ()))
+    if tuple(images.shape[1:1 + len(want)]) != want:
+        raise SelaggError(f"The backbone reads images of {' x '.join(map(str, want))} (channels x height x width), but "
+                          f"the dataset gives {' x '.join(map(str, images.shape[1:]))}; read the dataset as the "
+                          "backbone expects (data.load_split(settings, split, models.data_config(name))), or pick a "
+                          "backbone of the scale the dataset belongs to.")
 
 
 def vit_config(model: VisionTransformer) -> dict:

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 
 from .aggregation import HEAD_KINDS, Aggregator, make_head
-from .checks import first_nonfinite_item, notice, options_object, real_number, whole_number, whole_number_fields
+from .checks import (first_nonfinite_item, notice, options_object, real_number, sequence_of, whole_number,
+                     whole_number_fields)
+from .devices import resolve_device
 from .errors import SelaggError
-from .features import TokenSet
+from .features import TokenSet, check_same_source
 from .models import TokenLayout, token_layout
 from .optim import OPTIMIZERS, make_optimizer
 from .progress import progress_bar
@@ -61,10 +63,11 @@ class ProbeRecipe:
             raise SelaggError(f"warmup_epochs={self.warmup_epochs} is longer than epochs={self.epochs}; the warm-up "
                               "is part of the training, so choose at most as many warm-up epochs as epochs.")
         whole_number(self.batch_size, "batch_size", 2, "BatchNorm needs at least 2 images per batch (MAE uses 256)")
-        if isinstance(self.lrs, (str, bytes)) or not hasattr(self.lrs, "__iter__") or len(tuple(self.lrs)) == 0:
+        if isinstance(self.lrs, (str, bytes)) or not hasattr(self.lrs, "__iter__") \
+                or len(sequence_of(self.lrs, "lrs", "(0.1, 1.0, 10.0)")) == 0:
             raise SelaggError(f"lrs={self.lrs!r} is not accepted: it must be a non-empty sequence of learning rates, "
                               "e.g. lrs=(0.1, 1.0, 10.0).")
-        object.__setattr__(self, "lrs", tuple(self.lrs))
+        object.__setattr__(self, "lrs", sequence_of(self.lrs, "lrs", "(0.1, 1.0, 10.0)"))
         for lr in self.lrs:
             try:
                 real_number(lr, "lr", 0, "", strictly=True, maximum=MAX_LR)
@@ -210,6 +213,7 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
     """
     seeds = checked_seeds(seeds)
     check_probe_inputs(recipe, train, val, test)
+    resolve_device(device)  # a device this machine lacks: a sentence before any work
     num_classes = max(train.num_classes, val.num_classes)
     k = len(recipe.lrs)
     heads = [probe_head(head_name, train, num_classes, s, **head_kwargs) for s in seeds for _ in range(k)]
@@ -232,7 +236,9 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
 def checked_seeds(seeds) -> tuple[int, ...]:
     """The seeds as a tuple of whole numbers >= 0, or a SelaggError."""
     seeds = (seeds,) if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool) else seeds
-    if not hasattr(seeds, "__iter__") or len(tuple(seeds)) == 0:
+    if hasattr(seeds, "__iter__") and not isinstance(seeds, (str, bytes)):
+        seeds = sequence_of(seeds, "seeds", "(0, 1, 2)")
+    if not isinstance(seeds, tuple) or len(seeds) == 0:
         raise SelaggError(f"seeds={seeds!r} is not accepted: give a non-empty sequence of whole numbers, "
                           "e.g. (0, 1, 2).")
     return tuple(whole_number(s, "seed", 0, "seeds are whole numbers such as (0, 1, 2)") for s in seeds)
@@ -257,6 +263,14 @@ def check_probe_inputs(recipe: ProbeRecipe, train: TokenSet, val: TokenSet, test
             raise SelaggError(f"The {name} split's tokens (width, prefix tokens, [cls], grid = {layout}) differ from "
                               "the train split's; probe tokens of one backbone and block in every split.")
         check_finite_tokens(tokens, name)
+    check_same_source(splits)
+    trained = set(train.labels.unique().tolist())
+    for name, tokens in splits.items():
+        unseen = sorted(set(tokens.labels.unique().tolist()) - trained)
+        if unseen:
+            raise SelaggError(f"The {name} split holds class(es) {unseen[:5]} that the train split lacks, so no probe "
+                              "could ever predict them and its accuracy would mean little; draw the splits from one "
+                              "dataset with every class in each (an image cap at least the number of classes).")
 
 
 _FINITE_CHECKED: dict[int, tuple[weakref.ref, int]] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, Subset
 
@@ -22,7 +23,7 @@ from .cache_keys import backbone_identity, dataset_identity, key_digest, size_te
 from .checkpoints import sha256_of, temporary_prefix
 from .checks import options_object, whole_number_fields
 from .errors import SelaggError
-from .extraction import ExtractOptions, compute_precision, resolved_options
+from .extraction import EXTRACTION_VERSION, ExtractOptions, compute_precision, resolved_options
 from .models import TokenLayout
 
 __all__ = ["STORE_FORMAT", "STORED_DTYPES", "INDEX_NAME", "StoreOptions", "checked_store", "store_identity",
@@ -114,7 +115,7 @@ def store_identity(backbone: str | os.PathLike, dataset: Dataset, *, block: int 
     `options`, dtype and split from `store`)."""
     store = checked_store(store)
     options = resolved_options(options)
-    return plain({"format": STORE_FORMAT, "backbone": backbone_identity(backbone, model),
+    return plain({"format": STORE_FORMAT, "code": EXTRACTION_VERSION, "backbone": backbone_identity(backbone, model),
                   "dataset": dataset_identity(dataset),
                   "split": store.split if store.split is not None else split_of(dataset),
                   "block": "last" if block is None else block, "norm": True if block is None else bool(options.norm),
@@ -208,14 +209,21 @@ def write_shard(folder: Path, i: int, span: tuple[int, int], tokens: torch.Tenso
                                     "start": span[0], "stop": span[1]}, sort_keys=True)}
     tensors = shard_tensors(tokens, labels, identity["dtype"])
     path = folder / shard_name(i)
-    sha = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    remember_verified(path)
-    sidecar = {"shard": i, "file": path.name, "start": span[0], "stop": span[1], "sha256": sha,
-               "bytes": path.stat().st_size, "identity_digest": digest, "identity": identity,
-               "n_tokens": int(tokens.shape[1]), "width": int(tokens.shape[2]),
-               "layout": layout_record(layout)}
-    text = json.dumps(sidecar, indent=1) + "\n"
-    atomic_write(folder / sidecar_name(i), lambda tmp: Path(tmp).write_text(text))
+    try:
+        sha = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        remember_verified(path)
+        sidecar = {"shard": i, "file": path.name, "start": span[0], "stop": span[1], "sha256": sha,
+                   "bytes": path.stat().st_size, "identity_digest": digest, "identity": identity,
+                   "n_tokens": int(tokens.shape[1]), "width": int(tokens.shape[2]),
+                   "layout": layout_record(layout)}
+        text = json.dumps(sidecar, indent=1) + "\n"
+        atomic_write(folder / sidecar_name(i), lambda tmp: Path(tmp).write_text(text))
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        kept = len(list(folder.glob("shard-*.json")))
+        raise SelaggError(f"Could not write {path.name} into {folder} ({getattr(err, 'strerror', None) or err}): the "
+                          f"disk is full or refuses the file; the {kept} complete shard(s) already there are kept, so "
+                          "free some room (or store int8 tokens) and run the same command again to extract only "
+                          "the rest.") from None
     return sidecar
 
 

@@ -109,7 +109,13 @@ def stratified_subset(dataset: Dataset, max_images: int | None, seed: int = 0) -
                        "whole split")
     if cap >= len(dataset):
         return dataset
-    positions = stratified_positions(labels_of(dataset), cap, np.random.default_rng([seed, _CAP_STREAM]))
+    labels = labels_of(dataset)
+    n_classes = len(np.unique(labels))
+    if cap < n_classes:
+        raise SelaggError(f"max_images={cap} is fewer than the {n_classes} classes of this split, so some classes "
+                          "would have no image here and the splits would not share their classes; give at least "
+                          f"{n_classes} images per split, or None for the whole split.")
+    positions = stratified_positions(labels, cap, np.random.default_rng([seed, _CAP_STREAM]))
     return subset_of_base(dataset, positions.tolist())
 
 

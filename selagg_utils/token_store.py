@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import secrets
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -33,7 +34,8 @@ from .checkpoints import temporary_prefix
 from .checks import DIGEST_PIECE
 from .errors import SelaggError
 
-__all__ = ["DamagedEntry", "EntryLayout", "EntryFile", "PieceDigest", "entry_checksum", "file_checksum",
+__all__ = ["DamagedEntry", "UnreadableEntry", "shared_mode", "EntryLayout", "EntryFile", "PieceDigest",
+           "entry_checksum", "file_checksum",
            "read_entry", "entry_layout", "mapped_state", "tensor_bytes", "UNNAMED_TEMPORARIES",
            "VERIFY_EVERY_LOAD_BYTES", "DTYPE_NAMES"]
 
@@ -114,6 +116,18 @@ _ALIGN = 64
 
 class DamagedEntry(Exception):
     """A cache entry that cannot be trusted (unreadable, truncated or changed); it is extracted again."""
+
+
+class UnreadableEntry(DamagedEntry):
+    """A cache entry this user may not read (another user's, in a shared folder); it is extracted again, not called
+    damaged."""
+
+
+def shared_mode(folder: Path) -> int:
+    """The mode of a new entry: readable by whoever may write into its folder (the group of a group-writable
+    folder, everyone in a world-writable one), else by its owner only."""
+    mode = os.stat(folder).st_mode
+    return 0o600 | (0o040 if mode & stat.S_IWGRP else 0) | (0o004 if mode & stat.S_IWOTH else 0)
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,7 @@ class EntryFile:
             name: (DTYPE_NAMES[dtype], list(shape), self.digests[name].hexdigest())
             for name, (dtype, shape, _, _) in self.layout.tensors.items()})
         write_all(self.fd, self.layout_header(), 8)
+        os.fchmod(self.fd, shared_mode(self.path.parent))
         if self.tmp is None:
             self.tmp = named_temporary(self.fd, self.path)
         os.replace(self.tmp, self.path)
@@ -359,6 +374,8 @@ def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """An entry's tensors (mapped) and metadata, verified against its checksum; DamagedEntry when they do not match."""
     try:
         fd = os.open(path, os.O_RDONLY)
+    except PermissionError as err:
+        raise UnreadableEntry(err.strerror or "permission denied") from None
     except OSError as err:
         raise DamagedEntry(f"unreadable: {type(err).__name__}") from None
     try:

@@ -43,3 +43,22 @@ def cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def file_size_limit():
+    """A real limit on the size of any file this process writes (RLIMIT_FSIZE), as a full disk would set."""
+    resource = pytest.importorskip("resource")
+    signal = pytest.importorskip("signal")
+    if not hasattr(signal, "SIGXFSZ"):
+        pytest.skip("no SIGXFSZ on this system")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes beyond the limit then fail with EFBIG
+
+    def limit(size: int | None) -> None:
+        """Files may grow to `size` bytes; None restores the limit the test started with."""
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft if size is None else size, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)

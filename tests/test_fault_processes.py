@@ -1,6 +1,6 @@
 """Real faults in real processes: kill -9 in the middle of an extraction and of a write, three processes
-filling one cache entry at once (one extracts, the others wait for its entry), and bit-identical probes
-from fresh processes."""
+filling one cache entry at once (one extracts, the others wait for its entry), bit-identical probes
+from fresh processes, and an entry another user wrote that this one may not read."""
 import os
 import signal
 import subprocess
@@ -208,3 +208,35 @@ def test_the_same_seed_gives_bit_identical_probes_in_fresh_processes(three_write
     _, outputs = three_writers
     probes = {tuple(out[2:]) for out in outputs}  # (thread count, digest of accuracies, losses and weights)
     assert len(probes) == 1 and len(next(iter(probes))[1]) == 64
+
+
+def test_an_entry_another_user_cannot_read_is_not_called_damaged():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="selagg-shared-"))  # under /tmp: every user can reach it
+    os.chmod(folder, 0o777)
+    # everything is read first; then, when started as root (who reads any file), the process becomes another user
+    code = ("import os, sys; from selagg_utils.digits import cluttered_digits as c; "
+            "from selagg_utils.features import cached_tokens as t; from selagg_utils.extraction import ExtractOptions "
+            "as o; from selagg_utils.models import load_backbone as b; m, d = b('tiny-mae'), c('val', n_images=4); "
+            "t('tiny-mae', d, options=o(batch_size=4, progress=False), directory=sys.argv[1], model=m) if sys.argv[2] "
+            "== 'first' else None; os.geteuid() == 0 and sys.argv[2] == 'other' and (os.setgid(65534), "
+            "os.setuid(65534)); t('tiny-mae', d, options=o(batch_size=4, progress=False), directory=sys.argv[1], "
+            "model=m)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "-c", code, str(folder), "first"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (entry,) = folder.glob("*.safetensors")
+    os.chmod(entry, 0o600 if os.geteuid() == 0 else 0)  # owner only, as entries were written before
+    second = subprocess.run([sys.executable, "-c", code, str(folder), "other"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    shutil.rmtree(folder, ignore_errors=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "cannot be read by this user" in second.stderr and "damaged" not in second.stderr
