@@ -38,12 +38,14 @@ check: $(STAMP)
 ## its pages checked as HTML and in headless Chromium (screenshots in _build/screenshots).
 test: test-package test-notebooks test-pages
 
+# Two pytest workers (a test file each at a time, so module fixtures are made once), one torch thread
+# each: many package tests wait on processes, kernels and files.
 test-package: $(STAMP)
-	$(RUNENV) $(BIN)/python -m pytest tests -q
+	$(RUNENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n 2 --dist loadfile --durations=10
 
 test-notebooks: $(STAMP)
 	rm -rf $(CACHE)
-	$(KERNEL) $(BIN)/python -m pytest --nbval-lax --durations=0 -q notebooks
+	$(KERNEL) $(BIN)/python -m pytest --nbval-lax --durations=10 -q notebooks
 
 test-pages: $(STAMP)
 	$(KERNEL) $(BIN)/jupyter-book build . --all -W -n --keep-going

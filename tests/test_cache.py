@@ -155,6 +155,7 @@ def genuine(tmp_path_factory, data, model):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.one_of(st.none(), st.integers(0, 10 ** 6)),
        flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(1, 255)), min_size=0, max_size=3))
+@pytest.mark.slow
 def test_damage_at_random_offsets_gives_the_right_tokens_or_the_sentence(genuine, data, model, cut, flips):
     path, raw, entry = genuine
     damaged = bytearray(raw)

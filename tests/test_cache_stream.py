@@ -184,6 +184,7 @@ def test_mean_patches_in_chunks_equals_the_direct_mean(data, model, monkeypatch)
     assert torch.equal(ts.mean_patches, direct)
 
 
+@pytest.mark.slow
 def test_mean_patches_never_converts_the_whole_split(tmp_path):
     code = """
     import resource, torch
@@ -361,6 +362,7 @@ def killed_while_writing(tmp_path_factory):
     return caches, {name: p.pid for name, p in procs.items()}, dataset, expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["streaming", "renaming"])
 def test_kill_while_writing_leaves_an_orphan_the_next_run_removes(killed_while_writing, phase, monkeypatch, capsys):
     caches, pids, dataset, expected = killed_while_writing

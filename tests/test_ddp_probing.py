@@ -257,6 +257,7 @@ def test_the_script_writes_what_one_process_trains(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out.startswith("abmilp: lr ")
 
 
+@pytest.mark.slow
 def test_the_script_under_torchrun_reads_token_stores(tmp_path):
     """Two processes on stores of 4 shards each (rank 1 holding fewer images) write what one process trains."""
     if not (ROOT / "selagg_utils" / "shards.py").exists():  # not an installed copy found elsewhere

@@ -18,6 +18,8 @@ from selagg_utils.data import load_dataset
 from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import load_backbone
 
+pytestmark = pytest.mark.slow  # processes, scripts or builds: `make test` runs them, `make check` not
+
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 48
 QUIET = ExtractOptions(progress=False)

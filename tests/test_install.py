@@ -9,6 +9,10 @@ import sysconfig
 import venv
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # processes, scripts or builds: `make test` runs them, `make check` not
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = """
 import sys, pathlib, torch, selagg_utils

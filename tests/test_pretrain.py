@@ -50,12 +50,14 @@ def _few_steps(model, steps=30):
     return first, last
 
 
+@pytest.mark.slow
 def test_mae_loss_decreases():
     torch.manual_seed(0)
     first, last = _few_steps(MaskedAutoencoder(tiny_vit(depth=2)))
     assert last < 0.8 * first
 
 
+@pytest.mark.slow
 def test_jea_loss_decreases():
     torch.manual_seed(0)
     first, last = _few_steps(ContrastiveJEA(tiny_vit(depth=2)))
@@ -72,6 +74,7 @@ def test_patch_statistics_loss_trains_the_stats_head_but_not_the_encoder_or_deco
     assert all(p.grad is None or not p.grad.any() for p in others)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mae", "jea"])
 def test_the_pretraining_script_writes_a_loadable_checkpoint_whose_manifest_describes_the_model(method, tmp_path):
     """`make checkpoints` in miniature: one step of the real script, into a temporary folder, never the shipped ones."""

@@ -149,6 +149,7 @@ def test_stores_equal_compares_every_byte(tmp_path):
     assert not scale.stores_equal(tmp_path / "empty1", tmp_path / "empty2")
 
 
+@pytest.mark.slow
 def test_run_script_runs_under_torchrun_and_reports_failures(tmp_path):
     script = tmp_path / "world.py"
     script.write_text(textwrap.dedent("""

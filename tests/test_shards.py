@@ -17,6 +17,8 @@ from selagg_utils.models import load_backbone
 from selagg_utils.shard_files import StoreOptions, dequantized, quantized, shard_name, sidecar_name, store_identity
 from selagg_utils.shards import TokenStore, extract_to_store
 
+pytestmark = pytest.mark.slow  # processes, scripts or builds: `make test` runs them, `make check` not
+
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, SHARD, BACKBONE = 40, 8, "tiny-mae"  # five shards of eight images
 STORE = StoreOptions(shard_size=SHARD)

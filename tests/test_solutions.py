@@ -68,6 +68,7 @@ def nbval(folder: Path, *args: str) -> subprocess.CompletedProcess:
                            "notebooks"], cwd=folder, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_chapters_test_run_appends_every_solution():
     done = nbval(ROOT, "--collect-only")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -93,6 +94,7 @@ def mini_book(folder: Path, solution: str) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_an_appended_solution_runs_after_the_chapter_and_stays_out_of_the_book(tmp_path):
     from jupyter_cache import get_cache
 
@@ -105,6 +107,7 @@ def test_an_appended_solution_runs_after_the_chapter_and_stays_out_of_the_book(t
     assert [c.source for c in cached.cells] == ["x = 41"], "the solution's cell reached the book"
 
 
+@pytest.mark.slow
 def test_a_failing_solution_fails_the_run_and_keeps_the_chapter_out_of_the_book(tmp_path):
     done = nbval(mini_book(tmp_path, "print(undefined_name)"))
     assert done.returncode == 1 and "undefined_name" in done.stdout, done.stdout + done.stderr

@@ -93,6 +93,7 @@ def test_tiny_vit_flops_match_the_formula(small_vit):
     assert timing.forward_gflop_per_image(small_vit, images) * 1e9 == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_vit_b16_is_35_gflop_per_image():
     import timm
 
