@@ -41,6 +41,9 @@ SCALE_INDEPENDENT = {
 #: The names the setup cell binds from the scale; a scale-independent cell may read none of them.
 SCALE_NAMES = {"S", "SCALE", "DEVICE"}
 DROPPED = ("trained-claim", "scale-independent")
+#: The chapters that probe the three backbones' tokens: rehearsed in test_full_scale_tokens.py, with a feature
+#: cache of their own, so that two pytest workers share the rehearsal (`make test` runs a file per worker).
+TOKEN_CHAPTERS = ("03_joint_embedding", "05_patch_tokens", "06_selective_aggregation")
 TIMES: dict[str, float] = {}
 
 
@@ -76,10 +79,9 @@ def test_the_cells_left_to_the_tiny_run_are_the_listed_ones_and_read_nothing_of_
             assert not read & SCALE_NAMES, f"{name}: a scale-independent cell reads {read & SCALE_NAMES}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", CHAPTERS)
-def test_chapter_runs_at_full_scale_offline(name, full_scale_env, monkeypatch):
-    for key, value in full_scale_env.items():
+def rehearse(name: str, env: dict[str, str], monkeypatch) -> None:
+    """Execute one chapter in the rehearsal's environment, without the cells it leaves out."""
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     nb.cells = [c for c in nb.cells if not set(DROPPED) & set(c.get("metadata", {}).get("tags", []))]
@@ -88,3 +90,9 @@ def test_chapter_runs_at_full_scale_offline(name, full_scale_env, monkeypatch):
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     TIMES[name] = time.perf_counter() - start
     print(f"{name}: {TIMES[name]:.0f} s at full scale")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [c for c in CHAPTERS if c not in TOKEN_CHAPTERS])
+def test_chapter_runs_at_full_scale_offline(name, full_scale_env, monkeypatch):
+    rehearse(name, full_scale_env, monkeypatch)
