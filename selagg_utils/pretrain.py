@@ -181,11 +181,15 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> to
 
 
 class ContrastiveJEA(nn.Module):
-    """A joint-embedding model trained through [cls]: two views of an image must agree (SimCLR / MoCo v3 style)."""
+    """A joint-embedding model trained through [cls]: two views of an image must agree (SimCLR / MoCo v3 style).
 
-    def __init__(self, encoder: VisionTransformer, proj_dim: int = 128, hidden: int = 512, temperature: float = 0.2):
+    `min_area` is the smallest share of the image a view's crop keeps (1.0: no cropping).
+    """
+
+    def __init__(self, encoder: VisionTransformer, proj_dim: int = 128, hidden: int = 512, temperature: float = 0.2,
+                 min_area: float = 0.4):
         super().__init__()
-        self.encoder, self.temperature = encoder, temperature
+        self.encoder, self.temperature, self.min_area = encoder, temperature, min_area
         d = encoder.embed_dim
         self.projector = nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                                        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
@@ -193,7 +197,7 @@ class ContrastiveJEA(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """InfoNCE between the projected [cls] embeddings of two random views."""
-        v1, v2 = random_views(images, generator), random_views(images, generator)
+        v1, v2 = (random_views(images, generator, min_area=self.min_area) for _ in range(2))
         z = self.projector(self.encoder(torch.cat([v1, v2])))  # encoder(x) is the [cls] output
         z1, z2 = z.chunk(2)
         return {"loss": info_nce(z1, z2, self.temperature)}
