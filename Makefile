@@ -38,10 +38,11 @@ check: $(STAMP)
 ## its pages checked as HTML and in headless Chromium (screenshots in _build/screenshots).
 test: test-package test-notebooks test-pages
 
-# Two pytest workers (a test file each at a time, so module fixtures are made once), one torch thread
+# Two pytest workers (a test file each at a time, so module fixtures are made once; the longest files
+# first, see tests/conftest.py), one torch thread
 # each: many package tests wait on processes, kernels and files.
 test-package: $(STAMP)
-	$(RUNENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n 2 --dist loadfile --durations=10
+	$(RUNENV) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10
 
 test-notebooks: $(STAMP)
 	rm -rf $(CACHE)

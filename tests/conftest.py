@@ -62,3 +62,14 @@ def file_size_limit():
     yield limit
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, handler)
+
+
+#: Test files that run longest (the full-scale rehearsal): collected first, so that `make test`'s two
+#: pytest workers (`--dist loadfile --no-loadscope-reorder`) each start on one and share the rest.
+LONGEST_FIRST = ("test_full_scale_tokens.py", "test_full_scale.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Move the longest test files to the front, keeping every other test in its order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
