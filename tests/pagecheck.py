@@ -119,6 +119,9 @@ def html_defects(chapter: str, html: str, page: Path | None = None) -> list[str]
 #: `BROWSER_PROBE` measures it again on every page (`columnChars`); tests/test_notebook_style.py
 #: holds every visible code line to it, and pyproject.toml's ruff line-length is the same number.
 CODE_COLUMN_CHARS = 75
+#: A cell output's width in px at a 1280 px window, to which wider pictures shrink: `viz.COLUMN_PX`,
+#: which the figure-text checks assume. `BROWSER_PROBE` measures it (`outputPx`).
+OUTPUT_COLUMN_PX = 676
 
 # Run in the page by the browser test: what the reader's browser made of it.
 BROWSER_PROBE = r"""
@@ -157,7 +160,9 @@ ready.then(() => {
     ruler.font = getComputedStyle(listing).font;
     columnChars = inner(listing) / (ruler.measureText('0'.repeat(100)).width / 100);
   }
-  done({broken, figures, rawMath, math: mathSpans.length, typeset: document.querySelectorAll('mjx-container').length,
+  const output = article.querySelector('div.cell_output');
+  const outputPx = output ? output.clientWidth : null;
+  done({outputPx, broken, figures, rawMath, math: mathSpans.length, typeset: document.querySelectorAll('mjx-container').length,
         mathjax: !!window.MathJax, text: document.body.innerText, sideways, columnChars});
 }).catch(e => done({error: String(e)}));
 """
@@ -185,6 +190,9 @@ def browser_defects(chapter: str, seen: dict) -> list[str]:
     if seen.get("columnChars") is not None and seen["columnChars"] < CODE_COLUMN_CHARS:
         defects.append(f"{chapter}: a code listing holds only {seen['columnChars']:.1f} characters at a 1280 px "
                        f"window, fewer than CODE_COLUMN_CHARS = {CODE_COLUMN_CHARS}; lower it (and ruff's line-length).")
+    if seen.get("outputPx") is not None and seen["outputPx"] < OUTPUT_COLUMN_PX - 1:
+        defects.append(f"{chapter}: a cell's output is {seen['outputPx']} px wide at a 1280 px window, narrower than "
+                       f"the {OUTPUT_COLUMN_PX} px the figure-text check assumes (viz.COLUMN_PX); lower both.")
     return defects + _found(chapter, [(RAW_TABLE, "a Markdown table is shown raw", 60),
                                       (PROGRESS, "a progress bar is visible", 40),
                                       (TRACEBACK, "an error or traceback is visible", 60)], seen["text"])

@@ -50,7 +50,7 @@ def test_each_broken_page_fails_with_one_sentence_naming_the_chapter(kind):
 
 
 SEEN = {"broken": [], "figures": 3, "rawMath": [], "math": 4, "typeset": 4, "mathjax": True, "text": "Results\nmae 0.7",
-        "sideways": [], "columnChars": 75.9}
+        "sideways": [], "columnChars": 75.9, "outputPx": 676}
 
 
 @pytest.mark.parametrize("change, words", [
@@ -66,6 +66,7 @@ SEEN = {"broken": [], "figures": 3, "rawMath": [], "math": 4, "typeset": 4, "mat
     ({"sideways": [{"tag": "pre", "line": "x = compute(" + "a" * 90}]}, "1 block(s) scroll sideways"),
     ({"sideways": [{"tag": "page", "line": ""}, {"tag": "pre", "line": "print(y)"}]}, "'print(y)'"),
     ({"columnChars": 60.2}, "holds only 60.2 characters"),
+    ({"outputPx": 600}, "600 px wide"),
 ])
 def test_browser_findings_become_sentences(change, words):
     defects = browser_defects("04_attention_uniformity", {**SEEN, **change})
@@ -73,3 +74,10 @@ def test_browser_findings_become_sentences(change, words):
         assert defects == []
     else:
         assert len(defects) == 1 and words in defects[0] and defects[0].startswith("04_attention_uniformity: ")
+
+
+def test_the_figure_checks_assume_the_output_column_the_browser_measures():
+    from pagecheck import OUTPUT_COLUMN_PX
+    from selagg_utils import viz
+
+    assert viz.COLUMN_PX == OUTPUT_COLUMN_PX
