@@ -17,11 +17,52 @@ from pathlib import Path
 
 import pytest
 
-from solutions_page import DROPDOWN, PYTHON, SOLUTIONS, directives, markdown_of, numbered_questions, page_sections, \
+from solutions_page import DIRECTIVE, DROPDOWN, PYTHON, SOLUTIONS, directives, markdown_of, numbered_questions, page_sections, \
     solution_code
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("0*.ipynb"))}
+
+#: An exercise's title starts with one of these: warm-up, practice, challenge (explained on the solutions page).
+DIFFICULTY = ("★☆☆", "★★☆", "★★★")
+OUTCOME = re.compile(r"^\*\*Expected outcome:\*\* \S.{20,}", re.M)
+
+
+def exercise_gaps(markdown: str) -> list[str]:
+    """One sentence per exercise whose title lacks a difficulty mark or whose text lacks an expected outcome."""
+    gaps = []
+    for _, name, title, body in DIRECTIVE.findall(markdown):
+        if name != "exercise":
+            continue
+        label = re.search(r":label: (\S+)", body).group(1)
+        if not (title.strip().startswith(DIFFICULTY) and len(title.strip()) > 4):
+            gaps.append(f"{label}: its title {title.strip()!r} does not start with one of {DIFFICULTY} and a name")
+        if not OUTCOME.search(body):
+            gaps.append(f"{label}: no line starting '**Expected outcome:**' says what the reader should see")
+    return gaps
+
+
+@pytest.mark.parametrize("chapter", sorted(CHAPTERS))
+def test_every_exercise_has_a_difficulty_and_an_expected_outcome(chapter):
+    gaps = exercise_gaps(markdown_of(CHAPTERS[chapter]))
+    assert not gaps, "; ".join(gaps)
+
+
+def test_the_difficulty_marks_are_explained_on_the_solutions_page_and_for_authors():
+    for page in (SOLUTIONS, ROOT / "CONTRIBUTING.md"):
+        assert all(mark in page.read_text(encoding="utf-8") for mark in DIFFICULTY), f"{page.name} lacks a mark"
+
+
+def test_an_exercise_without_a_mark_or_an_outcome_is_named():
+    good = ("```{exercise} ★★☆ Views\n:label: ex-09-a\nDo it.\n\n**Expected outcome:** a lower loss than with "
+            "crops, far below chance.\n\nSolution: x\n```\n")
+    assert exercise_gaps(good) == []
+    no_mark = good.replace("★★☆ Views", "Views")
+    no_outcome = good.replace("**Expected outcome:**", "You will see")
+    assert len(exercise_gaps(no_mark)) == 1 and "ex-09-a: its title" in exercise_gaps(no_mark)[0]
+    assert len(exercise_gaps(no_outcome)) == 1 and "Expected outcome" in exercise_gaps(no_outcome)[0]
+    assert len(exercise_gaps(good.replace("★★☆ Views", "★★☆"))) == 1  # a mark without a name
+
 
 def test_no_chapter_holds_a_solution():
     for path in CHAPTERS.values():
