@@ -123,9 +123,15 @@ class ExecutedChapters:
         self.notebooks: dict[Path, dict] = {}
         self.figure_text: dict[str, str] = {}  # chapter: its smallest figure text, as the check cell printed it
 
+    def pytest_runtest_logreport(self, report):
+        """Each chapter's smallest figure text, also from test workers (user_properties travel with reports)."""
+        for key, value in report.user_properties:
+            if key == "figure_text":
+                self.figure_text[value[0]] = value[1]
+
     def pytest_terminal_summary(self, terminalreporter):
         for chapter, line in sorted(self.figure_text.items()):
-            terminalreporter.write_line(f"{Path(chapter).name}: {line or 'no figure'}")
+            terminalreporter.write_line(f"{chapter}: {line or 'no figure'}")
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -139,8 +145,8 @@ class ExecutedChapters:
         if report.when == "call" and APPENDED not in cell.metadata:
             entry["end"] = time.perf_counter()  # the chapter's run time ends with its own last cell
         if report.when == "call" and cell.metadata.get(APPENDED) == "figure-text-check":
-            self.figure_text[str(parent.fspath)] = "".join(
-                out.get("text", "") for out in item.test_outputs or [] if out.get("output_type") == "stream").strip()
+            printed = "".join(out.get("text", "") for out in item.test_outputs or [] if out.get("output_type") == "stream")
+            report.user_properties.append(("figure_text", (Path(str(parent.fspath)).name, printed.strip())))
         if report.when == "call" and item.test_outputs is not None and APPENDED not in cell.metadata:
             entry["count"] += 1  # the chapter's own cells are numbered 1, 2, ... as in a fresh run
             cell.execution_count = entry["count"]
