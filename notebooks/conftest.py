@@ -3,8 +3,9 @@
 `make test` executes each chapter once, under nbval. The collector below adds cells to the run:
 first a hidden probe that measures the smallest text of every figure the chapter draws, after the
 chapter's own cells a check that none is under 9 px as the page shows it, then the chapter's
-solution code from `book/solutions.md`, so the same kernel also runs every solution. `ExecutedChapters` keeps each cell's outputs and, for every chapter whose cells
-all passed, stores the executed chapter, without the appended cells, in the book's jupyter-cache
+solution code from `book/solutions.md`, so the same kernel also runs every solution.
+`ExecutedChapters` keeps each cell's outputs and, for every chapter whose cells all passed,
+stores the executed chapter, without the added cells, in the book's jupyter-cache
 (`execute_notebooks: cache` in _config.yml), so the pages the build makes show that very run.
 
 `make test-notebooks` runs two chapters at a time (pytest-xdist, a whole chapter per worker, one
@@ -55,7 +56,10 @@ def _selagg_measured(print_figure):
         from selagg_utils.viz import smallest_text_px
 
         dpi = kwargs.get("dpi")
-        found = smallest_text_px(canvas.figure, dpi=dpi if isinstance(dpi, (int, float)) else None)
+        try:
+            found = smallest_text_px(canvas.figure, dpi=dpi if isinstance(dpi, (int, float)) else None)
+        except Exception as error:  # reported by the check cell, never breaking the chapter's own cell
+            found = (0.0, f"(not measured: {error!r})")
         _selagg_texts.append((*_selagg_cell, *found))
         return print_figure(canvas, *args, **kwargs)
     return measured
