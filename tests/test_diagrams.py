@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.patches import Patch
 from matplotlib.text import Text
+from pathlib import Path
 
 from selagg_utils import diagrams
 
@@ -94,3 +95,24 @@ def test_every_diagram_is_placed_with_alt_text_and_a_caption():
         assert len(options.get("image", {}).get("alt", "")) > 40, f"{chapter}: a diagram without alt text"
         assert options.get("figure", {}).get("caption") and options["figure"].get("name", "").startswith("fig-")
     assert drawn == set(diagrams.ALL), f"diagrams no chapter shows: {set(diagrams.ALL) - drawn}"
+
+
+def test_headline_chart_shows_the_numbers_the_book_quotes():
+    fig = diagrams.headline_chart()
+    try:
+        shown = texts(fig)
+        for value in diagrams.PAPER_HEADLINE.values():
+            assert f"{value:.1f} %" in shown, f"the headline chart lacks {value}"
+        assert "joint-embedding" in shown and fig.axes[0].get_title()
+        assert ink(fig) > 0.05
+        fig.canvas.draw()
+        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, as saved with bbox_inches="tight"
+        px_per_point = min(1.0, 676 / (box.width * 100)) * 100 / 72  # shown at dpi 100, in a 676 px column
+        smallest = min(t.get_fontsize() for t in fig.axes[0].texts + fig.axes[0].get_yticklabels())
+        assert smallest * px_per_point >= 9, "the headline chart's text is too small to read on the page"
+    finally:
+        plt.close(fig)
+    intro = (Path(__file__).resolve().parents[1] / "book" / "intro.md").read_text(encoding="utf-8")
+    for value in diagrams.PAPER_HEADLINE.values():  # the chart and the landing page's text agree
+        assert f"{value:.1f} %" in intro
+
