@@ -97,7 +97,22 @@ def test_every_diagram_is_placed_with_alt_text_and_a_caption():
     assert drawn == set(diagrams.ALL), f"diagrams no chapter shows: {set(diagrams.ALL) - drawn}"
 
 
+@pytest.mark.parametrize("name", sorted(diagrams.ALL))
+def test_each_diagram_text_is_legible_on_the_page(name):
+    from selagg_utils import viz  # the book's figure style, as in the chapters, which import viz
+
+    fig = diagrams.ALL[name]()
+    try:
+        px, text = viz.smallest_text_px(fig)
+        assert px >= viz.MIN_TEXT_PX, (f"{name}: {text!r} shows at {px:.1f} px on the page (at least "
+                                       f"{viz.MIN_TEXT_PX} px): a larger font, or a narrower figure")
+    finally:
+        plt.close(fig)
+
+
 def test_headline_chart_shows_the_numbers_the_book_quotes():
+    from selagg_utils import viz
+
     fig = diagrams.headline_chart()
     try:
         shown = texts(fig)
@@ -105,11 +120,8 @@ def test_headline_chart_shows_the_numbers_the_book_quotes():
             assert f"{value:.1f} %" in shown, f"the headline chart lacks {value}"
         assert "joint-embedding" in shown and fig.axes[0].get_title()
         assert ink(fig) > 0.05
-        fig.canvas.draw()
-        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, as saved with bbox_inches="tight"
-        px_per_point = min(1.0, 676 / (box.width * 100)) * 100 / 72  # shown at dpi 100, in a 676 px column
-        smallest = min(t.get_fontsize() for t in fig.axes[0].texts + fig.axes[0].get_yticklabels())
-        assert smallest * px_per_point >= 9, "the headline chart's text is too small to read on the page"
+        px, text = viz.smallest_text_px(fig, dpi=100)  # saved at dpi 100 by book/_ext/headline_figure.py
+        assert px >= viz.MIN_TEXT_PX, f"the headline chart's {text!r} shows at {px:.1f} px on the page"
     finally:
         plt.close(fig)
     intro = (Path(__file__).resolve().parents[1] / "book" / "intro.md").read_text(encoding="utf-8")
