@@ -76,9 +76,12 @@ def show_source(obj) -> None:
     """Display the source code of a package function or class, highlighted, in a notebook."""
     code = inspect.getsource(obj)
     try:
-        from IPython.display import Code, display
+        from IPython.display import HTML, Code, display
 
-        display(Code(code, language="python"))
+        # Package lines are longer than the page's column: wrap them there instead of scrolling sideways.
+        listing = Code(code, language="python")._repr_html_()
+        display(HTML(listing.replace('<div class="highlight"><pre>',
+                                     '<div class="highlight"><pre style="white-space: pre-wrap">', 1)))
     except ImportError:  # outside IPython
         print(code)
 

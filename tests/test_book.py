@@ -56,7 +56,7 @@ def test_book_math_comes_from_its_own_files():
     spec = importlib.util.spec_from_file_location("offline_math", ROOT / "book" / "_ext" / "offline_math.py")
     offline_math = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(offline_math)
-    assert config["local_extensions"] == {"offline_math": "book/_ext"}
+    assert config["local_extensions"]["offline_math"] == "book/_ext"
     assert (offline_math.mathjax_source() / config["config"]["mathjax_path"].split("/", 1)[1]).is_file()
 
     class Config:
@@ -64,3 +64,23 @@ def test_book_math_comes_from_its_own_files():
 
     with pytest.raises(Exception, match="renders formulas offline"):
         offline_math.check_config(None, Config())
+
+
+def test_landing_page_figure_is_drawn_by_the_books_code(tmp_path):
+    """book/_ext/headline_figure.py draws intro.md's figure at build time: no image is committed."""
+    import importlib.util
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]
+    assert config["local_extensions"]["headline_figure"] == "book/_ext"
+    spec = importlib.util.spec_from_file_location("headline_figure", ROOT / "book" / "_ext" / "headline_figure.py")
+    headline_figure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline_figure)
+    intro = (ROOT / "book" / "intro.md").read_text(encoding="utf-8")
+    assert f"```{{figure}} {headline_figure.TARGET.relative_to('book').as_posix()}" in intro
+    assert not (ROOT / headline_figure.TARGET).exists() or "book/_generated/" in (ROOT / ".gitignore").read_text()
+
+    class App:
+        srcdir = str(tmp_path)
+
+    headline_figure.draw_headline(App())
+    assert (tmp_path / headline_figure.TARGET).stat().st_size > 5000

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.patches import Patch
 from matplotlib.text import Text
+from pathlib import Path
 
 from selagg_utils import diagrams
 
@@ -107,3 +108,23 @@ def test_each_diagram_text_is_legible_on_the_page(name):
                                        f"{viz.MIN_TEXT_PX} px): a larger font, or a narrower figure")
     finally:
         plt.close(fig)
+
+
+def test_headline_chart_shows_the_numbers_the_book_quotes():
+    from selagg_utils import viz
+
+    fig = diagrams.headline_chart()
+    try:
+        shown = texts(fig)
+        for value in diagrams.PAPER_HEADLINE.values():
+            assert f"{value:.1f} %" in shown, f"the headline chart lacks {value}"
+        assert "joint-embedding" in shown and fig.axes[0].get_title()
+        assert ink(fig) > 0.05
+        px, text = viz.smallest_text_px(fig, dpi=100)  # saved at dpi 100 by book/_ext/headline_figure.py
+        assert px >= viz.MIN_TEXT_PX, f"the headline chart's {text!r} shows at {px:.1f} px on the page"
+    finally:
+        plt.close(fig)
+    intro = (Path(__file__).resolve().parents[1] / "book" / "intro.md").read_text(encoding="utf-8")
+    for value in diagrams.PAPER_HEADLINE.values():  # the chart and the landing page's text agree
+        assert f"{value:.1f} %" in intro
+
