@@ -111,8 +111,8 @@ STATISTIC_LABELS: dict[str, str] = {
     "patch_to_registers": "patch attention to registers",
     "patch_patch_entropy": "patch attention entropy (nats)",
     "patch_patch_entropy_norm": "patch attention entropy (normalised)",
-    "cls_residual_ratio": "[cls] attention / residual",
-    "patch_residual_ratio": "patch attention / residual",
+    "cls_residual_ratio": "[cls] attention-to-residual ratio",
+    "patch_residual_ratio": "patch attention-to-residual ratio",
 }
 
 
