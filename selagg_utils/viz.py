@@ -6,6 +6,7 @@ import html
 import inspect
 import io
 import textwrap
+from typing import NamedTuple
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -18,7 +19,60 @@ from .static_views import attention_explorer_html, displayable
 __all__ = ["show_source", "image_grid", "outline_mask", "displayable", "overlay_attention", "attention_grid",
            "block_curves", "STATISTIC_LABELS", "statistic_label", "statistics_figure",
            "attention_explorer_figure", "figure_png", "attention_explorer", "attention_explorer_html", "PictureBox",
-           "grid_heatmaps", "weight_rows", "Table", "markdown_table", "statistics_table", "glue", "show_table"]
+           "grid_heatmaps", "weight_rows", "Table", "markdown_table", "statistics_table", "glue", "show_table",
+           "COLUMN_PX", "MIN_TEXT_PX", "SmallestText", "smallest_text_px"]
+
+#: The width in CSS pixels of the page's column for a cell's output at a 1280 px window (measured in
+#: Chromium): a wider picture is shrunk to it, and its text with it.
+COLUMN_PX = 676
+#: The smallest text a figure may show, in pixels as displayed on the page.
+MIN_TEXT_PX = 9.0
+
+
+class SmallestText(NamedTuple):
+    """The smallest visible text of a figure: its size in displayed pixels, and the text itself."""
+
+    px: float
+    text: str
+
+
+def _visible_texts(artist):
+    """Every visible, non-empty Text below an artist (tick labels only of drawn ticks, no axis of a hidden axes)."""
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
+    from matplotlib.text import Text
+
+    if not artist.get_visible():
+        return
+    if isinstance(artist, Text):
+        if artist.get_text().strip():
+            yield artist
+        return
+    if isinstance(artist, Axis):
+        children = [artist.label, artist.offsetText, *artist.get_majorticklabels(), *artist.get_minorticklabels()]
+    else:
+        children = artist.get_children()
+    if isinstance(artist, Axes) and not artist.axison:
+        children = [c for c in children if not isinstance(c, Axis)]
+    for child in children:
+        yield from _visible_texts(child)
+
+
+def smallest_text_px(fig: plt.Figure, column_px: float = COLUMN_PX, dpi: float | None = None) -> SmallestText:
+    """The smallest visible text of `fig` in pixels as the page displays it, and that text.
+
+    A font of s points is s × dpi / 72 pixels in the picture; the picture is saved with
+    bbox_inches="tight" (as Jupyter's inline backend and `figure_png` do), and a picture wider than
+    the column is shrunk to `column_px`. `dpi` is the one the picture is saved at (the figure's own
+    by default). A figure without text gives (inf, "").
+    """
+    dpi = fig.dpi if dpi is None else float(dpi)
+    fig.draw_without_rendering()  # lays out ticks and texts as saving would
+    box = fig.get_tightbbox(fig._get_renderer())
+    width_px = (box.width + 2 * plt.rcParams["savefig.pad_inches"]) * dpi
+    scale = float(min(1.0, column_px / width_px))
+    texts = [(float(t.get_fontsize()) * dpi / 72 * scale, t.get_text()) for t in _visible_texts(fig)]
+    return SmallestText(*min(texts, key=lambda pair: pair[0])) if texts else SmallestText(float("inf"), "")
 
 
 def show_source(obj) -> None:
@@ -101,19 +155,12 @@ def attention_grid(image: torch.Tensor, maps: torch.Tensor, title: str, size: fl
 
 #: What a reader reads for each statistic of `attention.STATISTICS`: table headers, plot titles.
 STATISTIC_LABELS: dict[str, str] = {
-    "cls_self": "[cls] self-attention",
-    "cls_to_patch": "[cls] attention to patches (mass)",
-    "cls_patch_entropy": "[cls] attention entropy (nats)",
-    "cls_patch_entropy_norm": "[cls] attention entropy (normalised)",
-    "cls_object_share": "[cls] attention on the object (share)",
-    "patch_self": "patch self-attention",
-    "patch_to_cls": "patch attention to [cls]",
-    "patch_to_registers": "patch attention to registers",
-    "patch_patch_entropy": "patch attention entropy (nats)",
-    "patch_patch_entropy_norm": "patch attention entropy (normalised)",
-    "cls_residual_ratio": "[cls] attention-to-residual ratio",
-    "patch_residual_ratio": "patch attention-to-residual ratio",
-}
+    "cls_self": "[cls] self-attention", "cls_to_patch": "[cls] attention to patches (mass)",
+    "cls_patch_entropy": "[cls] attention entropy (nats)", "cls_patch_entropy_norm": "[cls] attention entropy (normalised)",
+    "cls_object_share": "[cls] attention on the object (share)", "patch_self": "patch self-attention",
+    "patch_to_cls": "patch attention to [cls]", "patch_to_registers": "patch attention to registers",
+    "patch_patch_entropy": "patch attention entropy (nats)", "patch_patch_entropy_norm": "patch attention entropy (normalised)",
+    "cls_residual_ratio": "[cls] attention-to-residual ratio", "patch_residual_ratio": "patch attention-to-residual ratio"}
 
 
 def statistic_label(statistic: str) -> str:
@@ -220,10 +267,7 @@ def attention_explorer(images: torch.Tensor, maps):
 
 
 class PictureBox(widgets.VBox):
-    """A VBox that also offers a static view: HTML (`static_html`, if given) and its picture as image/png.
-
-    A page without a kernel shows the HTML (or else the picture); a running kernel shows the widget.
-    """
+    """A VBox that also offers static views: HTML (`static_html`, if given) and its picture (image/png)."""
 
     def __init__(self, children: list, picture: widgets.Image, static_html: str = ""):
         super().__init__(children)
@@ -241,10 +285,7 @@ class PictureBox(widgets.VBox):
 
 def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: float | None = None,
                   vmax: float | None = None, size: float = 2.2) -> plt.Figure:
-    """One (gh, gw) map per panel on a shared colour scale, e.g. probe accuracy per patch position.
-
-    The figure is at most a page column wide (7.4 in); the row label sits on the first panel only.
-    """
+    """One (gh, gw) map per panel on a shared colour scale, e.g. probe accuracy per patch position; 7.4 in wide at most."""
     values = torch.stack([m.detach().float().cpu() for m in maps.values()])
     vmin = float(values.min()) if vmin is None else vmin
     vmax = float(values.max()) if vmax is None else vmax
