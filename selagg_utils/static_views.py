@@ -71,7 +71,7 @@ _EXPLORER_JS = ("const v=this.querySelectorAll('img');let k=0;"
 
 
 def attention_explorer_html(images: torch.Tensor, maps, n_images: int = 4, max_blocks: int = 6,
-                            size: int = 160) -> str:
+                            size: int = 192) -> str:
     """The explorer without a kernel: precomputed views (mean over heads) and sliders, as one HTML snippet.
 
     Views: the first `n_images` images x up to `max_blocks` blocks (evenly spaced, the last included) x

@@ -104,7 +104,7 @@ def test_static_explorer_has_one_view_per_image_block_and_query_and_no_outside_s
     images = torch.rand(3, 1, 32, 32)
     maps = attention.attention_maps(model, images)
     depth = len(model.blocks)
-    page = viz.attention_explorer_html(images, maps, n_images=2, max_blocks=depth)
+    page = viz.attention_explorer_html(images, maps, n_images=2, max_blocks=depth, size=64)
     views = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
     assert len(views) == 2 * depth * 2                               # images x blocks x ([cls], centre patch)
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data, _ in views)
