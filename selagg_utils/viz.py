@@ -5,6 +5,7 @@ import base64
 import html
 import inspect
 import io
+import textwrap
 from typing import NamedTuple
 
 import ipywidgets as widgets
@@ -13,9 +14,11 @@ import numpy as np
 import torch
 
 from .errors import SelaggError
+from .static_views import attention_explorer_html, displayable
 
 __all__ = ["show_source", "image_grid", "outline_mask", "displayable", "overlay_attention", "attention_grid",
-           "block_curves", "attention_explorer_figure", "figure_png", "attention_explorer", "PictureBox",
+           "block_curves", "STATISTIC_LABELS", "statistic_label", "statistics_figure",
+           "attention_explorer_figure", "figure_png", "attention_explorer", "attention_explorer_html", "PictureBox",
            "grid_heatmaps", "weight_rows", "Table", "markdown_table", "statistics_table", "glue", "show_table",
            "COLUMN_PX", "MIN_TEXT_PX", "SmallestText", "smallest_text_px"]
 
@@ -121,18 +124,6 @@ def outline_mask(ax: plt.Axes, mask: torch.Tensor, patch_size: int, color: str =
 
 
 # ----------------------------------------------------------------------------- attention (chapter 04)
-def displayable(image: torch.Tensor) -> np.ndarray:
-    """An image tensor (C, H, W) in [0, 1] as an array imshow can draw: (H, W) gray or (H, W, 3), clamped.
-
-    Normalised model inputs must be de-normalised first (`transforms.displayable`); stretching each image
-    to its own minimum and maximum would change its colours and contrast.
-    """
-    img = image.detach().float().cpu().clamp(0, 1)
-    if img.ndim == 3 and img.shape[0] == 1:
-        return img[0].numpy()
-    return (img.permute(1, 2, 0) if img.ndim == 3 else img).numpy()
-
-
 def overlay_attention(ax: plt.Axes, image: torch.Tensor, attention: torch.Tensor, vmax: float | None = None,
                       alpha: float = 0.6, cmap: str = "inferno"):
     """Draw an image with a (gh, gw) attention map over it; returns the map's artist for a colour bar."""
@@ -146,39 +137,76 @@ def overlay_attention(ax: plt.Axes, image: torch.Tensor, attention: torch.Tensor
     return artist
 
 
-def attention_grid(image: torch.Tensor, maps: torch.Tensor, title: str, size: float = 1.5,
+def attention_grid(image: torch.Tensor, maps: torch.Tensor, title: str, size: float = 1.1,
                    block_ids: list[int] | None = None) -> plt.Figure:
     """A blocks x heads grid of (blocks, heads, gh, gw) attention maps over one image, on one colour scale."""
     blocks, heads = maps.shape[:2]
     block_ids = list(range(blocks)) if block_ids is None else block_ids
     vmax = float(maps.max())
-    fig, axes = plt.subplots(blocks, heads, figsize=(size * heads + 1.2, size * blocks + 0.6), squeeze=False)
+    fig, axes = plt.subplots(blocks, heads, figsize=(size * heads + 1.3, size * blocks + 0.5), squeeze=False,
+                             layout="constrained")
     for b in range(blocks):
         for h in range(heads):
             artist = overlay_attention(axes[b, h], image, maps[b, h], vmax=vmax)
-            axes[b, h].set_title(f"Block {block_ids[b] + 1}, Head {h + 1}", fontsize=8)
-    fig.colorbar(artist, ax=axes, shrink=0.6, label="attention probability")
-    fig.suptitle(title)
+            if b == 0:
+                axes[b, h].set_title(f"head {h + 1}", fontsize=9)
+        axes[b, 0].set_ylabel(f"block {block_ids[b] + 1}", fontsize=9)
+    fig.colorbar(artist, ax=axes, shrink=0.6).set_label("attention probability", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
-def block_curves(results: dict, statistic: str, ax: plt.Axes | None = None) -> plt.Figure:
-    """One statistic per block, one line per model: `results` maps a model name to its AttentionStatistics."""
-    from .attention import STATISTICS
+#: What a reader reads for each statistic of `attention.STATISTICS`: table headers, plot titles.
+STATISTIC_LABELS: dict[str, str] = {
+    "cls_self": "[cls] self-attention", "cls_to_patch": "[cls] attention to patches (mass)",
+    "cls_patch_entropy": "[cls] attention entropy (nats)", "cls_patch_entropy_norm": "[cls] attention entropy (normalised)",
+    "cls_object_share": "[cls] attention on the object (share)", "patch_self": "patch self-attention",
+    "patch_to_cls": "patch attention to [cls]", "patch_to_registers": "patch attention to registers",
+    "patch_patch_entropy": "patch attention entropy (nats)", "patch_patch_entropy_norm": "patch attention entropy (normalised)",
+    "cls_residual_ratio": "[cls] attention-to-residual ratio", "patch_residual_ratio": "patch attention-to-residual ratio"}
 
-    fig, ax = plt.subplots(figsize=(5, 3.2)) if ax is None else (ax.figure, ax)
+
+def statistic_label(statistic: str) -> str:
+    """The plain-English name of a statistic (its own name if it has none)."""
+    return STATISTIC_LABELS.get(statistic, statistic)
+
+
+def block_curves(results: dict, statistic: str, ax: plt.Axes | None = None, legend: bool = True) -> plt.Figure:
+    """One statistic per block, one line per model: `results` maps a model name to its AttentionStatistics."""
+    alone = ax is None
+    fig, ax = plt.subplots(figsize=(5, 3.2)) if alone else (ax.figure, ax)
     for name, stats in results.items():
         if statistic in stats:
             blocks = np.arange(1, stats.depth + 1)
-            ax.plot(blocks, stats[statistic], marker="o", label=name)
+            ax.plot(blocks, stats[statistic], marker="o", ms=4, label=name)
+            ax.set_xticks(blocks)
     if statistic.endswith("_norm"):
         ax.axhline(1.0, color="gray", ls="--", lw=1, label="uniform")
     ax.set_ylim(bottom=0)  # every statistic is non-negative; a zero baseline keeps small gaps small
-    ax.set_xlabel("block")
-    ax.set_ylabel(statistic)
-    ax.set_title(STATISTICS.get(statistic, statistic), fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_xlabel("block", fontsize=9)
+    ax.set_title(textwrap.fill(statistic_label(statistic), 24), fontsize=9)
+    ax.tick_params(labelsize=9)
+    if legend:
+        ax.legend(fontsize=9)
+    if alone:
+        fig.tight_layout()
+    return fig
+
+
+def statistics_figure(results: dict, statistics: list[str], ncols: int = 3, title: str | None = None) -> plt.Figure:
+    """Small multiples: one panel per statistic (those measured), the models overlaid, one shared legend."""
+    shown = [s for s in statistics if any(s in stats for stats in results.values())]
+    nrows = -(-(len(shown) + 1) // ncols)  # one more slot, for the legend
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.4, 2.15 * nrows + 0.3), layout="constrained", squeeze=False)
+    handles: dict[str, object] = {}
+    for ax, statistic in zip(axes.flat, shown):
+        block_curves(results, statistic, ax=ax, legend=False)
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    axes.flat[len(shown)].legend(list(handles.values()), list(handles), loc="center", fontsize=9, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -217,7 +245,7 @@ def attention_explorer(images: torch.Tensor, maps):
     """An ipywidgets explorer of `AttentionMaps`: pick the image, block, head and query token.
 
     Its picture is an image widget redrawn on every change. Without a kernel (the rendered book, a
-    viewer without widgets) it shows as a picture of its current view.
+    viewer without widgets) it shows as `attention_explorer_html`: precomputed views and sliders.
     """
     blocks, n_images, heads = maps.probs.shape[:3]
     queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid_size[0])
@@ -238,37 +266,46 @@ def attention_explorer(images: torch.Tensor, maps):
         control.observe(redraw, "value")
     redraw()
     return PictureBox([widgets.HBox(list(controls.values())[:2]), widgets.HBox(list(controls.values())[2:]),
-                        picture], picture)
+                        picture], picture, attention_explorer_html(images, maps))
 
 
 class PictureBox(widgets.VBox):
-    """A VBox that also offers its picture as image/png, which pages without a kernel show instead."""
+    """A VBox that also offers static views: HTML (`static_html`, if given) and its picture (image/png)."""
 
-    def __init__(self, children: list, picture: widgets.Image):
+    def __init__(self, children: list, picture: widgets.Image, static_html: str = ""):
         super().__init__(children)
         self.picture = picture
+        self.static_html = static_html
 
     def _repr_mimebundle_(self, **kwargs) -> dict:
         bundle = super()._repr_mimebundle_(**kwargs)
         bundle["image/png"] = base64.b64encode(bytes(self.picture.value)).decode("ascii")
+        if self.static_html:
+            bundle["text/html"] = self.static_html
         bundle["text/plain"] = "An interactive explorer: run the chapter in Jupyter or Colab to use its controls."
         return bundle
 
 
 def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: float | None = None,
-                  vmax: float | None = None, size: float = 2.6) -> plt.Figure:
-    """One (gh, gw) map per panel on a shared colour scale, e.g. probe accuracy per patch position."""
+                  vmax: float | None = None, size: float = 2.2) -> plt.Figure:
+    """One (gh, gw) map per panel on a shared colour scale, e.g. probe accuracy per patch position; 7.4 in wide at most."""
     values = torch.stack([m.detach().float().cpu() for m in maps.values()])
     vmin = float(values.min()) if vmin is None else vmin
     vmax = float(values.max()) if vmax is None else vmax
-    fig, axes = plt.subplots(1, len(maps), figsize=(size * len(maps) + 1.0, size + 0.5), squeeze=False)
-    for ax, (name, m) in zip(axes[0], maps.items()):
+    width = min(7.4, size * len(maps) + 1.0)
+    fig, axes = plt.subplots(1, len(maps), figsize=(width, (width - 1.0) / len(maps) + 0.9), squeeze=False,
+                             layout="constrained")
+    for i, (ax, (name, m)) in enumerate(zip(axes[0], maps.items())):
         artist = ax.imshow(m.detach().float().cpu().numpy(), cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("patch column")
-        ax.set_ylabel("patch row")
-    fig.colorbar(artist, ax=axes, shrink=0.8, label=label)
-    fig.suptitle(title)
+        ax.set_xlabel("patch column", fontsize=9)
+        ax.tick_params(labelsize=8)
+        if i == 0:
+            ax.set_ylabel("patch row", fontsize=9)
+    bar = fig.colorbar(artist, ax=axes, shrink=0.8)
+    bar.set_label(label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -335,10 +372,13 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def statistics_table(stats, statistics: list[str], digits: int = 3) -> Table:
-    """One model's attention statistics (an AttentionStatistics) as a Table: a row per block, a column per statistic."""
+    """One model's attention statistics (an AttentionStatistics) as a Table: a row per block, a column per statistic.
+
+    Columns carry the statistics' plain-English labels (`STATISTIC_LABELS`).
+    """
     names = [s for s in statistics if s in stats]
     rows = [[b + 1, *(f"{stats[s][b]:.{digits}f}" for s in names)] for b in range(stats.depth)]
-    return Table(["block", *names], rows, title=f"{stats.name}: {stats.n_images} images, "
+    return Table(["block", *map(statistic_label, names)], rows, title=f"{stats.name}: {stats.n_images} images, "
                                                 f"{stats.layout.num_patches} patches")
 
 

@@ -116,3 +116,41 @@ def test_diagrams_are_on_their_pages_with_alt_text_and_caption(html_dir):
         alt = re.search(r'alt="([^"]*)"', img.group(0)) if img else None
         assert alt and html.unescape(alt.group(1)) == meta["mystnb"]["image"]["alt"], f"{chapter}: {figure} lost its alt text"
         assert "<figcaption" in found.group(1), f"{chapter}: {figure} has no caption"
+
+
+def test_attention_explorer_moves_without_a_kernel(html_dir, browser):
+    """Chapter 4's explorer on the static page: a slider shows another precomputed view, no kernel."""
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(page_of(html_dir, "04_attention_uniformity").as_uri())
+    explorers = browser.find_elements(By.CSS_SELECTOR, ".selagg-explorer")
+    assert len(explorers) == 1, f"chapter 4 shows {len(explorers)} static attention explorers, not one"
+    explorer = explorers[0]
+    size = len(explorer.get_attribute("outerHTML"))
+    assert size < 1_500_000, f"the explorer adds {size / 1e6:.1f} MB to the page"
+
+    def shown() -> tuple[str, str]:
+        views = [v for v in explorer.find_elements(By.TAG_NAME, "img") if v.is_displayed()]
+        assert len(views) == 1, f"the explorer shows {len(views)} views at once"
+        assert explorer.find_element(By.TAG_NAME, "output").text == views[0].get_attribute("alt")
+        return views[0].get_attribute("src"), views[0].get_attribute("alt")
+
+    def where(alt: str) -> tuple[str, str]:
+        return re.match(r"Image (\d+), block (\d+)", alt).groups()
+
+    broken = browser.execute_script("return [...arguments[0].querySelectorAll('img')]"
+                                    ".filter(i => !i.complete || i.naturalWidth === 0).length", explorer)
+    assert broken == 0, f"{broken} of the explorer's views do not decode"
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", explorer)
+    image_slider, block_slider = explorer.find_elements(By.CSS_SELECTOR, 'input[type="range"]')
+    first = shown()
+    block_slider.send_keys(Keys.ARROW_RIGHT)
+    second = shown()
+    assert second[0] != first[0], "moving the block slider did not change the picture"
+    assert where(second[1])[0] == where(first[1])[0] and where(second[1])[1] != where(first[1])[1]
+    image_slider.send_keys(Keys.ARROW_RIGHT)
+    third = shown()
+    assert third[0] != second[0] and where(third[1]) == (str(int(where(second[1])[0]) + 1), where(second[1])[1])

@@ -91,11 +91,49 @@ def test_explorer_redraws_its_picture_when_a_control_moves(explorer):
     assert not plt.get_fignums()                        # every drawn figure was closed
 
 
+def test_explorer_bundle_carries_a_static_explorer_for_pages_without_a_kernel(explorer):
+    bundle = explorer._repr_mimebundle_()
+    assert bundle["text/html"] == explorer.static_html and 'type="range"' in bundle["text/html"]
+
+
+def test_static_explorer_has_one_view_per_image_block_and_query_and_no_outside_script():
+    import html as html_module
+    import re
+
+    model = models.load_backbone("tiny-mae")
+    images = torch.rand(3, 1, 32, 32)
+    maps = attention.attention_maps(model, images)
+    depth = len(model.blocks)
+    page = viz.attention_explorer_html(images, maps, n_images=2, max_blocks=depth, size=64)
+    views = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
+    assert len(views) == 2 * depth * 2                               # images x blocks x ([cls], centre patch)
+    assert all(base64.b64decode(data).startswith(b"\x89PNG") for data, _ in views)
+    assert page.count("display: block; max-width") == 1              # one view shown at a time
+    sliders = re.findall(r'<input type="range" min="0" max="(\d+)"[^>]*data-stride="(\d+)"', page)
+    assert sliders == [("1", str(2 * depth)), (str(depth - 1), "1")]  # image, block
+    assert 'data-stride="' + str(depth) + '"' in page and "<select" in page   # the query
+    assert "<script" not in page and "http" not in page and len(page) < 400_000
+    first, later = html_module.unescape(views[0][1]), html_module.unescape(views[-1][1])
+    assert first.startswith("Image 1, block 1, query [cls]") and "Image 2, block " + str(depth) in later
+    few = viz.attention_explorer_html(images, maps, n_images=1, max_blocks=3)
+    assert few.count("<img") == 3 * 2 and re.search(rf"\(1, \d, {depth}\)", few)  # first and last included
+
+
+def test_statistics_figure_draws_one_panel_per_measured_statistic_and_a_legend():
+    model = models.load_backbone("tiny-jea")
+    stats = attention.attention_statistics(model, [torch.rand(2, 1, 32, 32)], name="tiny-jea", progress=False)
+    fig = viz.statistics_figure({"tiny-jea": stats}, ["cls_self", "cls_object_share", "patch_self"])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["[cls] self-attention", "patch self-attention"]  # no masks: no object share
+    assert fig.axes[2].get_legend() is not None
+    plt.close(fig)
+
+
 def test_statistics_table_has_a_row_per_block_and_only_measured_columns(explorer):
     model = models.load_backbone("tiny-jea")
     stats = attention.attention_statistics(model, [torch.rand(3, 1, 32, 32)], name="tiny-jea", progress=False)
     table = viz.statistics_table(stats, ["cls_self", "cls_object_share"])  # no masks: no object share
-    assert table.header == ["block", "cls_self"] and len(table.rows) == len(model.blocks)
+    assert table.header == ["block", "[cls] self-attention"] and len(table.rows) == len(model.blocks)
     assert table.rows[-1] == [str(len(model.blocks)), f"{stats['cls_self'][-1]:.3f}"]
     assert "<caption" in table._repr_html_() and "tiny-jea: 3 images, 64 patches" in repr(table)
 
