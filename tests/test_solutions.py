@@ -91,6 +91,16 @@ def test_each_chapter_asks_two_to_four_questions_answered_on_the_page(chapter):
         assert f"{{admonition}} {i}. {question}\n" in answers, f"chapter {chapter}, question {i} has no answer"
 
 
+#: Code in the solutions page's folded dropdowns fits about 73 characters at a 1280 px window.
+SOLUTION_COLUMN_CHARS = 73
+
+
+def test_solution_code_fits_its_dropdown():
+    wide = [(len(line), line) for code in re.findall(r"```python\n(.*?)```", SOLUTIONS.read_text(), re.S)
+            for line in code.splitlines() if len(line) > SOLUTION_COLUMN_CHARS]
+    assert not wide, f"solution code lines wider than {SOLUTION_COLUMN_CHARS} characters (ruff format): {wide}"
+
+
 def test_the_parsers_find_what_they_should():
     text = "````{solution} ex-09-a\n:class: dropdown\n```python\nx = 1\n```\n````\n"
     assert directives(text, "solution") == {"ex-09-a": ":class: dropdown\n```python\nx = 1\n```\n"}
