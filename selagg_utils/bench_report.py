@@ -84,12 +84,12 @@ def plot_rows(rows: list[BenchRow], ax=None, title: str | None = None, log: bool
     for bar, r in zip(bars, rows):
         if r.ok and r.pct_of_peak:
             ax.annotate(f" {r.pct_of_peak:.0f}% of peak", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
-                        va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+                        va="center", fontsize=10)
+    ax.set_yticks(range(len(rows)), labels, fontsize=10)
     ax.invert_yaxis()
     if log:
         ax.set_xscale("log")
     ax.set_xlabel("images per second (higher is better)" + (", log scale" if log else ""))
-    ax.set_title(title or (f"{rows[0].model} on {rows[0].device}" if rows else ""))
+    ax.set_title(title or (f"{rows[0].model} on {rows[0].device}" if rows else ""), fontsize=11)
     ax.figure.tight_layout()
     return ax

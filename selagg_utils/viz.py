@@ -15,7 +15,7 @@ from .errors import SelaggError
 
 __all__ = ["show_source", "image_grid", "outline_mask", "displayable", "overlay_attention", "attention_grid",
            "block_curves", "attention_explorer_figure", "figure_png", "attention_explorer", "PictureBox",
-           "grid_heatmaps", "weight_rows", "Table", "markdown_table", "statistics_table", "glue", "show_table"]
+           "grid_heatmaps", "weight_rows", "paper_vs_lab", "Table", "markdown_table", "statistics_table", "glue", "show_table"]
 
 
 def show_source(obj) -> None:
@@ -216,18 +216,40 @@ def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: f
 
 
 def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], object_masks: torch.Tensor | None = None,
-                patch_size: int | None = None, size: float = 1.5) -> plt.Figure:
+                patch_size: int | None = None, size: float = 1.1) -> plt.Figure:
     """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale."""
     n = len(images)
-    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.5, size * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 2.0, size * len(rows) + 0.6), squeeze=False)
     for r, (name, weights) in enumerate(rows.items()):
         vmax = float(weights.max())
         for i in range(n):
             artist = overlay_attention(axes[r, i], images[i], weights[i], vmax=vmax)
             if object_masks is not None and patch_size is not None:
                 outline_mask(axes[r, i], object_masks[i], patch_size, color="cyan")
-        axes[r, 0].set_ylabel(name, fontsize=8)
-        fig.colorbar(artist, ax=axes[r].tolist(), shrink=0.8, label="weight")
+        axes[r, 0].set_ylabel(name, fontsize=11)
+        bar = fig.colorbar(artist, ax=axes[r].tolist(), shrink=0.9, pad=0.02)
+        bar.ax.tick_params(labelsize=11)
+        bar.set_label("weight", fontsize=11)
+    return fig
+
+
+def paper_vs_lab(accuracies: dict[str, tuple[float, float]], title: str) -> plt.Figure:
+    """Grouped bars: per model (label), the [cls] probe's and AbMILP's test accuracy (fractions), values written on."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    x = np.arange(len(accuracies))
+    for k, (name, color) in enumerate((("[cls] probe", "tab:gray"), ("AbMILP", "tab:orange"))):
+        values = [100 * pair[k] for pair in accuracies.values()]
+        bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, label=name, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=10, padding=2)
+    ax.set_xticks(x, list(accuracies), fontsize=10)
+    ax.set_ylabel("test accuracy (%)", fontsize=11)
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.tick_params(axis="y", labelsize=10)
+    ax.axvline(0.5, color="k", ls=":", lw=1)  # the paper's model first, then the lab's
+    ax.set_title(title, fontsize=12)
+    ax.legend(fontsize=10, loc="upper right", ncols=2)
+    fig.tight_layout()
     return fig
 
 
@@ -285,8 +307,9 @@ def statistics_table(stats, statistics: list[str], digits: int = 3) -> Table:
                                                 f"{stats.layout.num_patches} patches")
 
 
-def glue(name: str, text: str) -> str:
-    """Store `text` under `name` for the book's pages ({glue:text} there); returns it. A no-op without myst-nb (Colab)."""
+def glue(name: str, text: str | plt.Figure) -> str | plt.Figure:
+    """Store `text` (or a figure) under `name` for the book's pages ({glue:text}, {glue:figure} there); returns it.
+    A no-op without myst-nb (Colab)."""
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
