@@ -8,11 +8,12 @@ if TYPE_CHECKING:
 
 __all__ = ["TABLE_COLUMNS", "SHARED_COLUMNS", "table_cells", "table_notes", "format_table", "show", "plot_rows"]
 
-TABLE_COLUMNS = (("step", "step", "{}"), ("batch", "batch_size", "{}"), ("prec", "precision", "{}"),
-                 ("median ms", "median_ms", "{:.1f}"), ("iqr ms", "iqr_ms", "{:.1f}"), ("img/s", "images_per_s", "{:,.0f}"),
-                 ("GFLOP/img", "gflop_per_image", "{:.3g}"), ("TFLOP/s", "tflops", "{:.3g}"),
-                 ("% peak", "pct_of_peak", "{:.1f}"), ("MB", "memory_mb", "{:,.0f}"), ("params", "params", "{:,}"),
-                 ("speed-up", "speedup", "{:.2f}x"), ("vs", "versus", "{}"), ("status", "status", "{}"))
+TABLE_COLUMNS = (("step", "step", "{}"), ("batch", "batch_size", "{}"), ("precision", "precision", "{}"),
+                 ("median ms", "median_ms", "{:.1f}"), ("IQR ms", "iqr_ms", "{:.1f}"),
+                 ("images/s", "images_per_s", "{:,.0f}"), ("GFLOP/image", "gflop_per_image", "{:.3g}"),
+                 ("TFLOP/s", "tflops", "{:.3g}"), ("% peak", "pct_of_peak", "{:.1f}"), ("MB", "memory_mb", "{:,.0f}"),
+                 ("params", "params", "{:,}"), ("speed-up", "speedup", "{:.2f}x"), ("compared with", "versus", "{}"),
+                 ("status", "status", "{}"))
 
 
 def table_cells(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
@@ -47,7 +48,7 @@ def format_table(rows: list[BenchRow]) -> str:
 
 # Columns that describe the setting rather than the measurement: when every row shares the value,
 # a notebook shows it once under the table, so that the table fits the page.
-SHARED_COLUMNS = ("batch", "prec", "GFLOP/img", "params")
+SHARED_COLUMNS = ("batch", "precision", "GFLOP/image", "params")
 
 
 def show(rows: list[BenchRow]) -> None:
@@ -88,7 +89,10 @@ def plot_rows(rows: list[BenchRow], ax=None, title: str | None = None, log: bool
     ax.set_yticks(range(len(rows)), labels, fontsize=10)
     ax.invert_yaxis()
     if log:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
     ax.set_xlabel("images per second (higher is better)" + (", log scale" if log else ""))
     ax.set_title(title or (f"{rows[0].model} on {rows[0].device}" if rows else ""), fontsize=11)
     ax.figure.tight_layout()
