@@ -12,7 +12,7 @@ KERNEL  := $(QUIET) MPLBACKEND=module://matplotlib_inline.backend_inline
 CACHE   := _build/.jupyter_cache
 HTML    := _build/html
 
-.PHONY: venv book check test test-package test-notebooks test-pages checkpoints evidence clean
+.PHONY: venv book check format test test-package test-notebooks test-pages checkpoints evidence clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ book: $(STAMP)
 ## The inner loop: the package's fast unit tests (no chapter runs, no subprocesses), in about a minute.
 check: $(STAMP)
 	$(RUNENV) $(BIN)/python -m pytest tests -q -m "not slow"
+
+## Wrap the chapters' code to the page's column (75 characters; [tool.ruff] in pyproject.toml).
+## Only code cells change; magics (%pip, !cmd) are left as they are. Review the diff before committing.
+format: $(STAMP)
+	$(BIN)/ruff format notebooks
 
 ## The whole suite: package tests; every chapter once under nbval; the book built from that very run;
 ## its pages checked as HTML and in headless Chromium (screenshots in _build/screenshots).

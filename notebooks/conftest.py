@@ -1,8 +1,9 @@
 """One run per chapter: nbval executes it, with its solutions' code appended, and the book is built from it.
 
-`make test` executes each chapter once, under nbval. The collector below appends the chapter's
-solution code from `book/solutions.md` as extra cells at the end, so the same kernel also runs
-every solution. `ExecutedChapters` keeps each cell's outputs and, for every chapter whose cells
+`make test` executes each chapter once, under nbval. The collector below adds cells to the run:
+first a hidden probe that measures the smallest text of every figure the chapter draws, after the
+chapter's own cells a check that none is under 9 px as the page shows it, then the chapter's
+solution code from `book/solutions.md`, so the same kernel also runs every solution. `ExecutedChapters` keeps each cell's outputs and, for every chapter whose cells
 all passed, stores the executed chapter, without the appended cells, in the book's jupyter-cache
 (`execute_notebooks: cache` in _config.yml), so the pages the build makes show that very run.
 """
@@ -32,16 +33,68 @@ def book_cache_path() -> Path:
     return ROOT / execute.get("cache", "_build/.jupyter_cache")
 
 
+#: Run first, hidden: every picture the chapter's cells make (a figure shown inline, or PNG bytes from
+#: `viz.figure_png`) is measured as it is saved, with `viz.smallest_text_px` (the size its smallest text
+#: has on the page). Saving is where to look: `plt.show()` closes the figures before a cell ends.
+FIGURE_TEXT_PROBE = """\
+import matplotlib.backend_bases as _selagg_backend
+from IPython import get_ipython as _selagg_ipython
+
+_selagg_texts, _selagg_cell = [], [-1, ""]
+
+
+def _selagg_next_cell(info):
+    _selagg_cell[:] = [_selagg_cell[0] + 1, (info.raw_cell.strip().splitlines() or [""])[0][:60]]
+
+
+def _selagg_measured(print_figure):
+    def measured(canvas, *args, **kwargs):
+        from selagg_utils.viz import smallest_text_px
+
+        dpi = kwargs.get("dpi")
+        found = smallest_text_px(canvas.figure, dpi=dpi if isinstance(dpi, (int, float)) else None)
+        _selagg_texts.append((*_selagg_cell, *found))
+        return print_figure(canvas, *args, **kwargs)
+    return measured
+
+
+_selagg_ipython().events.register("pre_run_cell", _selagg_next_cell)
+_selagg_backend.FigureCanvasBase.print_figure = _selagg_measured(_selagg_backend.FigureCanvasBase.print_figure)
+"""
+
+#: Run after the chapter's own cells (before its solutions): no text on the page smaller than MIN_TEXT_PX.
+FIGURE_TEXT_CHECK = """\
+if _selagg_texts:
+    from selagg_utils.viz import MIN_TEXT_PX
+
+    _n, _first, _px, _text = min(_selagg_texts, key=lambda t: t[2])
+    print(f"smallest figure text: {_px:.1f} px, {_text!r} in Cell {_n} ({_first})")
+    _selagg_small = [t for t in _selagg_texts if t[2] < MIN_TEXT_PX]
+    assert not _selagg_small, f"{len(_selagg_small)} figure(s) show text under {MIN_TEXT_PX} px on the page: " + (
+        "; ".join(f"Cell {n} ({first}): {text!r} at {px:.1f} px" for n, first, px, text in _selagg_small))
+"""
+
+
 class ChapterWithSolutions(IPyNbFile):
-    """nbval's notebook collector, plus one cell per solution code block at the chapter's end."""
+    """nbval's notebook collector: a hidden probe of figure text first, then the chapter's code cells,
+    a check of their figures' text, and one cell per solution code block."""
 
     def collect(self):
-        yield from super().collect()  # reads self.nb and yields one item per code cell
-        number = sum(cell.cell_type == "code" for cell in self.nb.cells)
+        items = list(super().collect())  # reads self.nb; one item per code cell, numbered as in the chapter
+        probe = nbformat.v4.new_code_cell(FIGURE_TEXT_PROBE, metadata={APPENDED: "figure-text-probe"})
+        self.nb.cells.insert(0, probe)
+        yield IPyNbCell.from_parent(self, name="Figure text probe", cell_num=-1, cell=probe,
+                                    options=defaultdict(bool, check=False))
+        yield from items
+        number = len(items)
+        check = nbformat.v4.new_code_cell(FIGURE_TEXT_CHECK, metadata={APPENDED: "figure-text-check"})
+        self.nb.cells.append(check)
+        yield IPyNbCell.from_parent(self, name="Figure text", cell_num=number, cell=check,
+                                    options=defaultdict(bool, check=False))
         for i, code in enumerate(solution_code(self.path.name[:2])):
             cell = nbformat.v4.new_code_cell(code, metadata={APPENDED: "solution"})
             self.nb.cells.append(cell)
-            yield IPyNbCell.from_parent(self, name=f"Solution {i + 1}", cell_num=number + i,
+            yield IPyNbCell.from_parent(self, name=f"Solution {i + 1}", cell_num=number + 1 + i,
                                         cell=cell, options=defaultdict(bool, check=False))
 
 
@@ -65,6 +118,11 @@ class ExecutedChapters:
 
     def __init__(self) -> None:
         self.notebooks: dict[Path, dict] = {}
+        self.figure_text: dict[str, str] = {}  # chapter: its smallest figure text, as the check cell printed it
+
+    def pytest_terminal_summary(self, terminalreporter):
+        for chapter, line in sorted(self.figure_text.items()):
+            terminalreporter.write_line(f"{Path(chapter).name}: {line or 'no figure'}")
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -77,8 +135,11 @@ class ExecutedChapters:
         entry["ok"] &= not report.failed and not report.skipped
         if report.when == "call" and APPENDED not in cell.metadata:
             entry["end"] = time.perf_counter()  # the chapter's run time ends with its own last cell
-        if report.when == "call" and item.test_outputs is not None:
-            entry["count"] += 1
+        if report.when == "call" and cell.metadata.get(APPENDED) == "figure-text-check":
+            self.figure_text[str(parent.fspath)] = "".join(
+                out.get("text", "") for out in item.test_outputs or [] if out.get("output_type") == "stream").strip()
+        if report.when == "call" and item.test_outputs is not None and APPENDED not in cell.metadata:
+            entry["count"] += 1  # the chapter's own cells are numbered 1, 2, ... as in a fresh run
             cell.execution_count = entry["count"]
             cell.outputs = [_numbered(out, entry["count"]) for out in item.test_outputs]
 

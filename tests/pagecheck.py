@@ -113,6 +113,13 @@ def html_defects(chapter: str, html: str, page: Path | None = None) -> list[str]
     return defects
 
 
+#: The content column at a 1280 px window holds this many characters of the code font (measured in
+#: Chromium: a code cell's listing is 640 px wide inside its padding, a character of the 14 px
+#: monospace font 8.43 px, so 75.9; printed outputs hold 76). A longer code line scrolls sideways.
+#: `BROWSER_PROBE` measures it again on every page (`columnChars`); tests/test_notebook_style.py
+#: holds every visible code line to it, and pyproject.toml's ruff line-length is the same number.
+CODE_COLUMN_CHARS = 75
+
 # Run in the page by the browser test: what the reader's browser made of it.
 BROWSER_PROBE = r"""
 const done = arguments[arguments.length - 1];
@@ -123,14 +130,41 @@ ready.then(() => {
   const mathSpans = [...document.querySelectorAll('.math')];
   const rawMath = mathSpans.filter(e => !e.querySelector('mjx-container') && /\\[(\[]/.test(e.textContent))
                            .map(e => e.textContent.slice(0, 40));
+  // Sideways scrolling: code listings, printed outputs and any other box in the article whose content
+  // is wider than the box; for each, the first line that does not fit (in the box's own font).
+  const article = document.querySelector('article') || document.querySelector('main') || document.body;
+  const ruler = document.createElement('canvas').getContext('2d');
+  const inner = e => { const s = getComputedStyle(e);
+                       return e.clientWidth - parseFloat(s.paddingLeft) - parseFloat(s.paddingRight); };
+  const firstWide = e => {
+    ruler.font = getComputedStyle(e).font;
+    const lines = (e.innerText || e.textContent || '').split('\n');
+    const wide = lines.find(l => ruler.measureText(l).width > inner(e) + 1);
+    return (wide === undefined ? lines.reduce((a, b) => (b.length > a.length ? b : a), '') : wide).slice(0, 120);
+  };
+  const scrolls = [...article.querySelectorAll('*')].filter(e => {
+    if (e.scrollWidth <= e.clientWidth + 1) return false;
+    const overflow = getComputedStyle(e).overflowX;
+    return e.tagName === 'PRE' || overflow === 'auto' || overflow === 'scroll';
+  }).filter((e, _, all) => !all.some(o => o !== e && e.contains(o)));  // the innermost box that scrolls
+  const sideways = scrolls.map(e => ({tag: e.tagName.toLowerCase(), line: firstWide(e)}));
+  if (document.documentElement.scrollWidth > document.documentElement.clientWidth + 1)
+    sideways.push({tag: 'page', line: ''});
+  // The content column in characters of the code font: a code listing's width inside its padding.
+  const listing = article.querySelector('div.cell_input pre') || article.querySelector('pre');
+  let columnChars = null;
+  if (listing) {
+    ruler.font = getComputedStyle(listing).font;
+    columnChars = inner(listing) / (ruler.measureText('0'.repeat(100)).width / 100);
+  }
   done({broken, figures, rawMath, math: mathSpans.length, typeset: document.querySelectorAll('mjx-container').length,
-        mathjax: !!window.MathJax, text: document.body.innerText});
+        mathjax: !!window.MathJax, text: document.body.innerText, sideways, columnChars});
 }).catch(e => done({error: String(e)}));
 """
 
 
 def browser_defects(chapter: str, seen: dict) -> list[str]:
-    """Defects in what the browser rendered: undecoded images, formulas MathJax did not typeset, raw text."""
+    """Defects in what the browser rendered: undecoded images, untypeset formulas, raw text, sideways scrolling."""
     if "error" in seen:
         return [f"{chapter}: the page's MathJax failed in the browser ({seen['error'][:80]})."]
     defects = []
@@ -142,6 +176,15 @@ def browser_defects(chapter: str, seen: dict) -> list[str]:
         defects.append(f"{chapter}: MathJax did not load, so every formula shows as raw LaTeX.")
     elif seen["rawMath"]:
         defects.append(f"{chapter}: {len(seen['rawMath'])} formula(s) left as raw LaTeX, e.g. {seen['rawMath'][0]!r}.")
+    sideways = seen.get("sideways") or []
+    if sideways:
+        first = next((s for s in sideways if s["line"]), sideways[0])
+        defects.append(f"{chapter}: {len(sideways)} block(s) scroll sideways at a 1280 px window, e.g. a "
+                       f"<{first['tag']}> with the line {first['line'][:80]!r}; keep code and printed lines "
+                       f"within {CODE_COLUMN_CHARS} characters (`make format`).")
+    if seen.get("columnChars") is not None and seen["columnChars"] < CODE_COLUMN_CHARS:
+        defects.append(f"{chapter}: a code listing holds only {seen['columnChars']:.1f} characters at a 1280 px "
+                       f"window, fewer than CODE_COLUMN_CHARS = {CODE_COLUMN_CHARS}; lower it (and ruff's line-length).")
     return defects + _found(chapter, [(RAW_TABLE, "a Markdown table is shown raw", 60),
                                       (PROGRESS, "a progress bar is visible", 40),
                                       (TRACEBACK, "an error or traceback is visible", 60)], seen["text"])

@@ -94,3 +94,16 @@ def test_every_diagram_is_placed_with_alt_text_and_a_caption():
         assert len(options.get("image", {}).get("alt", "")) > 40, f"{chapter}: a diagram without alt text"
         assert options.get("figure", {}).get("caption") and options["figure"].get("name", "").startswith("fig-")
     assert drawn == set(diagrams.ALL), f"diagrams no chapter shows: {set(diagrams.ALL) - drawn}"
+
+
+@pytest.mark.parametrize("name", sorted(diagrams.ALL))
+def test_each_diagram_text_is_legible_on_the_page(name):
+    from selagg_utils import viz  # the book's figure style, as in the chapters, which import viz
+
+    fig = diagrams.ALL[name]()
+    try:
+        px, text = viz.smallest_text_px(fig)
+        assert px >= viz.MIN_TEXT_PX, (f"{name}: {text!r} shows at {px:.1f} px on the page (at least "
+                                       f"{viz.MIN_TEXT_PX} px): a larger font, or a narrower figure")
+    finally:
+        plt.close(fig)

@@ -49,7 +49,8 @@ def test_each_broken_page_fails_with_one_sentence_naming_the_chapter(kind):
     assert defects[0].startswith("06_selective_aggregation: ") and words in defects[0]
 
 
-SEEN = {"broken": [], "figures": 3, "rawMath": [], "math": 4, "typeset": 4, "mathjax": True, "text": "Results\nmae 0.7"}
+SEEN = {"broken": [], "figures": 3, "rawMath": [], "math": 4, "typeset": 4, "mathjax": True, "text": "Results\nmae 0.7",
+        "sideways": [], "columnChars": 75.9}
 
 
 @pytest.mark.parametrize("change, words", [
@@ -62,6 +63,9 @@ SEEN = {"broken": [], "figures": 3, "rawMath": [], "math": 4, "typeset": 4, "mat
     ({"text": "| a | b | |---|---| | 1 | 2 |"}, "Markdown table"),
     ({"text": "training probes: 100%|██████████| 108/108 [00:04<00:00, 26.1it/s]"}, "progress bar"),
     ({"error": "TypeError: x"}, "MathJax failed"),
+    ({"sideways": [{"tag": "pre", "line": "x = compute(" + "a" * 90}]}, "1 block(s) scroll sideways"),
+    ({"sideways": [{"tag": "page", "line": ""}, {"tag": "pre", "line": "print(y)"}]}, "'print(y)'"),
+    ({"columnChars": 60.2}, "holds only 60.2 characters"),
 ])
 def test_browser_findings_become_sentences(change, words):
     defects = browser_defects("04_attention_uniformity", {**SEEN, **change})

@@ -94,6 +94,7 @@ def test_page_in_chromium_loads_every_image_and_typesets_every_formula(html_dir,
     browser.set_window_size(1280, min(max(height, 900), 30000))
     browser.save_screenshot(str(shots / f"{chapter}.png"))
     browser.set_window_size(1280, 900)
+    print(f"{chapter}: the code column holds {seen.get('columnChars') or 0:.1f} characters")
     defects = browser_defects(chapter, seen)
     assert not defects, " ".join(defects)
 

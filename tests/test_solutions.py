@@ -8,6 +8,7 @@ them out of the book. The tests here check the pairing, and that appended soluti
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,9 +64,10 @@ def test_no_fence_of_the_page_carries_a_backtick_in_its_title():
 
 
 def nbval(folder: Path, *args: str) -> subprocess.CompletedProcess:
-    """pytest with nbval on a project folder's notebooks, as `make test` runs it."""
+    """pytest with nbval on a project folder's notebooks, as `make test` runs it (inline figures)."""
+    env = {**os.environ, "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     return subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", *args,
-                           "notebooks"], cwd=folder, capture_output=True, text=True, timeout=600)
+                           "notebooks"], cwd=folder, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.mark.slow
@@ -77,7 +79,7 @@ def test_the_chapters_test_run_appends_every_solution():
         assert len(appended) == len(solution_code(chapter)), f"chapter {chapter}: {appended}"
 
 
-def mini_book(folder: Path, solution: str) -> Path:
+def mini_book(folder: Path, solution: str, code: str = "x = 41") -> Path:
     """A one-chapter copy of the book's test set-up whose chapter has one solution, `solution`."""
     for name in ("notebooks/conftest.py", "tests/solutions_page.py", "_config.yml"):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ def mini_book(folder: Path, solution: str) -> Path:
     (folder / "book" / "solutions.md").write_text(
         f"(solutions-00)=\n{fence}{{solution}} ex-00-a\n:label: sol-00-a\n:class: dropdown\n"
         f"```python\n{solution}\n```\n{fence}\n", encoding="utf-8")
-    cell = {"id": "c0", "cell_type": "code", "source": "x = 41", "metadata": {}, "outputs": [], "execution_count": None}
+    cell = {"id": "c0", "cell_type": "code", "source": code, "metadata": {}, "outputs": [], "execution_count": None}
     nb = {"cells": [cell], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"}},
           "nbformat": 4, "nbformat_minor": 5}
     (folder / "notebooks" / "00_tiny.ipynb").write_text(json.dumps(nb))
@@ -99,12 +101,13 @@ def test_an_appended_solution_runs_after_the_chapter_and_stays_out_of_the_book(t
     from jupyter_cache import get_cache
 
     done = nbval(mini_book(tmp_path, "open('ran.txt', 'w').write(str(x + 1))"))
-    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "4 passed" in done.stdout, done.stdout + done.stderr  # probe, cell, check, solution
     assert (tmp_path / "notebooks" / "ran.txt").read_text() == "42", "the solution did not run in the chapter's kernel"
     records = get_cache(str(tmp_path / "_build" / ".jupyter_cache")).list_cache_records()
     assert len(records) == 1
     cached = get_cache(str(tmp_path / "_build" / ".jupyter_cache")).get_cache_bundle(records[0].pk).nb
-    assert [c.source for c in cached.cells] == ["x = 41"], "the solution's cell reached the book"
+    assert [c.source for c in cached.cells] == ["x = 41"], "the solution's or the figure check's cell reached the book"
+    assert cached.cells[0].execution_count == 1, "the chapter's cells are not numbered as its own"
 
 
 @pytest.mark.slow
@@ -112,3 +115,26 @@ def test_a_failing_solution_fails_the_run_and_keeps_the_chapter_out_of_the_book(
     done = nbval(mini_book(tmp_path, "print(undefined_name)"))
     assert done.returncode == 1 and "undefined_name" in done.stdout, done.stdout + done.stderr
     assert not (tmp_path / "_build" / ".jupyter_cache").exists()
+
+
+FIGURE = """\
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(4, 3))
+ax.plot([0, 1])
+ax.set_title("{title}", fontsize={size})
+plt.show()"""
+
+
+@pytest.mark.slow
+def test_a_figure_with_small_text_fails_the_chapter_run_naming_cell_and_text(tmp_path):
+    done = nbval(mini_book(tmp_path, "x = 1", code=FIGURE.format(title="tiny words", size=3.6)))  # 5 px at 100 dpi
+    assert done.returncode == 1 and "Figure text" in done.stdout, done.stdout + done.stderr
+    assert "'tiny words' at 5.0 px" in done.stdout and "Cell 0" in done.stdout, done.stdout
+    assert not (tmp_path / "_build" / ".jupyter_cache").exists()
+
+
+@pytest.mark.slow
+def test_a_figure_with_legible_text_passes_and_its_smallest_text_is_reported(tmp_path):
+    done = nbval(mini_book(tmp_path, "x = 1", code=FIGURE.format(title="words", size=12)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "00_tiny.ipynb: smallest figure text:" in done.stdout, done.stdout

@@ -28,6 +28,36 @@ def test_figure_png_is_a_png_and_closes_the_figure():
     assert png.startswith(b"\x89PNG") and not plt.fignum_exists(fig.number)
 
 
+def test_smallest_text_is_measured_in_pixels_as_the_page_shows_it():
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    ax.plot([0, 1])
+    ax.set_title("tiny", fontsize=3.6)  # 3.6 pt at 100 dpi: 5 px, in a figure narrower than the column
+    try:
+        px, text = viz.smallest_text_px(fig)
+        assert text == "tiny" and px == pytest.approx(5.0) and px < viz.MIN_TEXT_PX
+        ax.set_title("tiny", fontsize=12)
+        assert viz.smallest_text_px(fig).px > viz.MIN_TEXT_PX  # now the tick labels are smallest
+        wide = viz.smallest_text_px(fig, column_px=100)  # a picture wider than the column shrinks
+        assert wide.px < viz.MIN_TEXT_PX and wide.text != "tiny"
+        ax.set_visible(False)
+        assert viz.smallest_text_px(fig) == (float("inf"), "")  # hidden text does not count
+    finally:
+        plt.close(fig)
+
+
+def test_hidden_axes_and_empty_labels_are_not_measured():
+    fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3))
+    left.imshow([[0, 1], [1, 0]])
+    left.axis("off")
+    right.set_xticks([])
+    right.set_yticks([])
+    right.set_xlabel("label", fontsize=11)
+    try:
+        assert viz.smallest_text_px(fig).text == "label"
+    finally:
+        plt.close(fig)
+
+
 @pytest.fixture(scope="module")
 def explorer():
     model = models.load_backbone("tiny-mae")
@@ -41,6 +71,17 @@ def test_explorer_offers_its_current_view_as_a_picture_beside_the_widget(explore
     assert base64.b64decode(bundle["image/png"]) == bytes(explorer.picture.value)
     assert bytes(explorer.picture.value).startswith(b"\x89PNG")
     assert "run the chapter" in bundle["text/plain"]
+
+
+def test_explorer_picture_text_is_legible_on_the_page():
+    model = models.load_backbone("tiny-mae")
+    images = torch.rand(2, 1, 32, 32)
+    maps = attention.attention_maps(model, images)
+    for query in ("cls", (3, 4)):
+        fig = viz.attention_explorer_figure(images, maps, query=query)
+        px, text = viz.smallest_text_px(fig, dpi=100)  # the dpi figure_png saves at
+        plt.close(fig)
+        assert px >= viz.MIN_TEXT_PX, f"the explorer's picture shows {text!r} at {px:.1f} px on the page"
 
 
 def test_explorer_redraws_its_picture_when_a_control_moves(explorer):
