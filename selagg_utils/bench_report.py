@@ -1,6 +1,7 @@
 """Bench rows for reading: an aligned text table, an HTML table in a notebook, a bar chart of images/s."""
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,8 +32,9 @@ def table_cells(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
 def table_notes(rows: list[BenchRow]) -> list[str]:
     """The lines printed under a table: the device, what the memory column measures, each row's note."""
     footer = sorted({f"device: {r.device}" for r in rows} | {f"MB: {r.memory_kind}" for r in rows if r.memory_kind})
-    footer.append("median ms: per call of the step (one batch, or one whole epoch for epoch rows)")
-    return footer + [f"{r.step}: {r.note}" for r in rows if r.note]
+    footer.append("median ms: per call of the step (a batch, or a whole epoch for epoch rows)")
+    lines = footer + [f"{r.step}: {r.note}" for r in rows if r.note]
+    return [textwrap.fill(line, 75, subsequent_indent="  ") for line in lines]  # fits the page's column
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -70,7 +72,8 @@ def show(rows: list[BenchRow]) -> None:
             and not (header[i] == "status" and all(row[i] == "ok" for row in cells))]
     show_table(Table([header[i] for i in kept], [[row[i] for i in kept] for row in cells]))
     shared = [f"{header[i]} {cells[0][i]}" for i in same if cells[0][i] != "-"]
-    print("\n".join(([f"every row: {', '.join(shared)}"] if shared else []) + table_notes(rows)))
+    every = [textwrap.fill(f"every row: {', '.join(shared)}", 75, subsequent_indent="  ")] if shared else []
+    print("\n".join(every + table_notes(rows)))
 
 
 def plot_rows(rows: list[BenchRow], ax=None, title: str | None = None, log: bool = False):
