@@ -37,8 +37,9 @@ def test_notebook_is_stored_without_outputs_and_follows_the_template(nb):
 def test_colab_install_names_the_repository_of_the_config(nb):
     url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
     text = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
-    installs = re.findall(r"git\+(https://[^@\"]+)@", text)
-    assert installs and set(installs) == {url}
+    repos = re.findall(r'^REPO = "(https://[^"]+)"$', text, re.M)
+    assert repos == [url], f"the setup cell names {repos}, _config.yml {url}"
+    assert '%pip install -q "selagg-utils @ git+{REPO}@main"' in text
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
