@@ -56,7 +56,7 @@ def test_book_math_comes_from_its_own_files():
     spec = importlib.util.spec_from_file_location("offline_math", ROOT / "book" / "_ext" / "offline_math.py")
     offline_math = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(offline_math)
-    assert config["local_extensions"] == {"offline_math": "book/_ext"}
+    assert config["local_extensions"]["offline_math"] == "book/_ext"
     assert (offline_math.mathjax_source() / config["config"]["mathjax_path"].split("/", 1)[1]).is_file()
 
     class Config:
