@@ -51,7 +51,7 @@ test-package: $(STAMP)
 
 test-notebooks: $(STAMP)
 	rm -rf $(CACHE)
-	$(KERNEL) $(BIN)/python -m pytest --nbval-lax --durations=10 -q notebooks
+	$(KERNEL) OMP_NUM_THREADS=1 $(BIN)/python -m pytest --nbval-lax -n 2 --dist loadfile --no-loadscope-reorder --durations=10 -q notebooks
 
 test-pages: $(STAMP)
 	$(KERNEL) $(BIN)/jupyter-book build . --all -W -n --keep-going

@@ -6,6 +6,9 @@ chapter's own cells a check that none is under 9 px as the page shows it, then t
 solution code from `book/solutions.md`, so the same kernel also runs every solution. `ExecutedChapters` keeps each cell's outputs and, for every chapter whose cells
 all passed, stores the executed chapter, without the appended cells, in the book's jupyter-cache
 (`execute_notebooks: cache` in _config.yml), so the pages the build makes show that very run.
+
+`make test-notebooks` runs two chapters at a time (pytest-xdist, a whole chapter per worker, one
+torch thread each), the longest first; each worker stores its chapters under a file lock.
 """
 from __future__ import annotations
 
@@ -147,15 +150,29 @@ class ExecutedChapters:
         executed = {path: e for path, e in self.notebooks.items() if e["ok"] and e["count"]}
         if not executed:
             return
+        from filelock import FileLock
         from jupyter_cache import get_cache
         from jupyter_cache.base import CacheBundleIn
 
-        cache = get_cache(str(book_cache_path()))
-        for path, entry in executed.items():
-            nb = without_appended(entry["nb"])
-            nbformat.validate(nb)
-            bundle = CacheBundleIn(nb, str(path), data={"execution_seconds": entry["end"] - entry["start"]})
-            cache.cache_notebook_bundle(bundle, check_validity=False, overwrite=True)
+        folder = book_cache_path()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):  # two test workers may store at the same time
+            cache = get_cache(str(folder))
+            for path, entry in executed.items():
+                nb = without_appended(entry["nb"])
+                nbformat.validate(nb)
+                bundle = CacheBundleIn(nb, str(path), data={"execution_seconds": entry["end"] - entry["start"]})
+                cache.cache_notebook_bundle(bundle, check_validity=False, overwrite=True)
+
+
+#: Chapters by run time, longest first, so that two test workers finish close together.
+LONGEST_FIRST = ("06", "05", "08", "03", "04", "07", "02", "01", "00")
+
+
+def pytest_collection_modifyitems(items):
+    """Collect the longest chapters first (xdist hands whole chapters to its workers in that order)."""
+    rank = {prefix: i for i, prefix in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name[:2], len(rank)))
 
 
 def _numbered(output, count: int):
