@@ -1,6 +1,7 @@
 """Bench rows for reading: an aligned text table, an HTML table in a notebook, a bar chart of images/s."""
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -8,11 +9,12 @@ if TYPE_CHECKING:
 
 __all__ = ["TABLE_COLUMNS", "SHARED_COLUMNS", "table_cells", "table_notes", "format_table", "show", "plot_rows"]
 
-TABLE_COLUMNS = (("step", "step", "{}"), ("batch", "batch_size", "{}"), ("prec", "precision", "{}"),
-                 ("median ms", "median_ms", "{:.1f}"), ("iqr ms", "iqr_ms", "{:.1f}"), ("img/s", "images_per_s", "{:,.0f}"),
-                 ("GFLOP/img", "gflop_per_image", "{:.3g}"), ("TFLOP/s", "tflops", "{:.3g}"),
-                 ("% peak", "pct_of_peak", "{:.1f}"), ("MB", "memory_mb", "{:,.0f}"), ("params", "params", "{:,}"),
-                 ("speed-up", "speedup", "{:.2f}x"), ("vs", "versus", "{}"), ("status", "status", "{}"))
+TABLE_COLUMNS = (("step", "step", "{}"), ("batch", "batch_size", "{}"), ("precision", "precision", "{}"),
+                 ("median ms", "median_ms", "{:.1f}"), ("IQR ms", "iqr_ms", "{:.1f}"),
+                 ("images/s", "images_per_s", "{:,.0f}"), ("GFLOP/image", "gflop_per_image", "{:.3g}"),
+                 ("TFLOP/s", "tflops", "{:.3g}"), ("% peak", "pct_of_peak", "{:.1f}"), ("MB", "memory_mb", "{:,.0f}"),
+                 ("params", "params", "{:,}"), ("speed-up", "speedup", "{:.2f}x"), ("compared with", "versus", "{}"),
+                 ("status", "status", "{}"))
 
 
 def table_cells(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
@@ -30,8 +32,9 @@ def table_cells(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
 def table_notes(rows: list[BenchRow]) -> list[str]:
     """The lines printed under a table: the device, what the memory column measures, each row's note."""
     footer = sorted({f"device: {r.device}" for r in rows} | {f"MB: {r.memory_kind}" for r in rows if r.memory_kind})
-    footer.append("median ms: per call of the step (one batch, or one whole epoch for epoch rows)")
-    return footer + [f"{r.step}: {r.note}" for r in rows if r.note]
+    footer.append("median ms: per call of the step (a batch, or a whole epoch for epoch rows)")
+    lines = footer + [f"{r.step}: {r.note}" for r in rows if r.note]
+    return [textwrap.fill(line, 75, subsequent_indent="  ") for line in lines]  # fits the page's column
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -47,7 +50,7 @@ def format_table(rows: list[BenchRow]) -> str:
 
 # Columns that describe the setting rather than the measurement: when every row shares the value,
 # a notebook shows it once under the table, so that the table fits the page.
-SHARED_COLUMNS = ("batch", "prec", "GFLOP/img", "params")
+SHARED_COLUMNS = ("batch", "precision", "GFLOP/image", "params")
 
 
 def show(rows: list[BenchRow]) -> None:
@@ -69,7 +72,8 @@ def show(rows: list[BenchRow]) -> None:
             and not (header[i] == "status" and all(row[i] == "ok" for row in cells))]
     show_table(Table([header[i] for i in kept], [[row[i] for i in kept] for row in cells]))
     shared = [f"{header[i]} {cells[0][i]}" for i in same if cells[0][i] != "-"]
-    print("\n".join(([f"every row: {', '.join(shared)}"] if shared else []) + table_notes(rows)))
+    every = [textwrap.fill(f"every row: {', '.join(shared)}", 75, subsequent_indent="  ")] if shared else []
+    print("\n".join(every + table_notes(rows)))
 
 
 def plot_rows(rows: list[BenchRow], ax=None, title: str | None = None, log: bool = False):
@@ -84,12 +88,15 @@ def plot_rows(rows: list[BenchRow], ax=None, title: str | None = None, log: bool
     for bar, r in zip(bars, rows):
         if r.ok and r.pct_of_peak:
             ax.annotate(f" {r.pct_of_peak:.0f}% of peak", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
-                        va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+                        va="center", fontsize=10)
+    ax.set_yticks(range(len(rows)), labels, fontsize=10)
     ax.invert_yaxis()
     if log:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
     ax.set_xlabel("images per second (higher is better)" + (", log scale" if log else ""))
-    ax.set_title(title or (f"{rows[0].model} on {rows[0].device}" if rows else ""))
+    ax.set_title(title or (f"{rows[0].model} on {rows[0].device}" if rows else ""), fontsize=11)
     ax.figure.tight_layout()
     return ax

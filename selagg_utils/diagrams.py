@@ -6,7 +6,7 @@ from matplotlib.axes import Axes
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 __all__ = ["COLOURS", "vit_tokens", "mae", "joint_embedding", "attention_blocks", "abmilp_head", "ALL",
-           "PAPER_HEADLINE", "headline_chart"]
+           "PAPER_HEADLINE", "headline_chart", "paper_vs_lab"]
 
 # One colour per kind of token, the same in every diagram (Okabe-Ito, readable with colour blindness).
 COLOURS = {
@@ -258,6 +258,28 @@ def headline_chart() -> plt.Figure:
     ax.set_title("The paper's headline: ViT-B/16, frozen features", fontsize=TITLE)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def paper_vs_lab(lab: dict[str, tuple[float, float]], title: str) -> plt.Figure:
+    """Grouped bars of [cls] probe and AbMILP accuracy: the paper's MAE first, then the lab's models (fractions)."""
+    cls_value, agg_value = PAPER_HEADLINE.values()
+    accuracies = {"the paper:\nMAE ViT-B/16,\nImageNet-1k": (cls_value / 100, agg_value / 100), **lab}
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    x = range(len(accuracies))
+    for k, (name, color) in enumerate((("[cls] probe", "tab:gray"), ("AbMILP", "tab:orange"))):
+        values = [100 * pair[k] for pair in accuracies.values()]
+        bars = ax.bar([i + (k - 0.5) * 0.38 for i in x], values, 0.38, label=name, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=10, padding=2)
+    ax.set_xticks(x, list(accuracies), fontsize=10)
+    ax.set_ylabel("test accuracy (%)", fontsize=11)
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.tick_params(axis="y", labelsize=10)
+    ax.axvline(0.5, color="k", ls=":", lw=1)  # the paper's model first, then the lab's
+    ax.set_title(title, fontsize=12)
+    ax.legend(fontsize=10, loc="upper right", ncols=2)
     fig.tight_layout()
     return fig
 

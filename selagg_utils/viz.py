@@ -310,18 +310,20 @@ def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: f
 
 
 def weight_rows(images: torch.Tensor, rows: dict[str, torch.Tensor], object_masks: torch.Tensor | None = None,
-                patch_size: int | None = None, size: float = 1.5) -> plt.Figure:
+                patch_size: int | None = None, size: float = 1.1) -> plt.Figure:
     """Images in columns, one row of (B, gh, gw) patch weights per method, each row on its own colour scale."""
     n = len(images)
-    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.5, size * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 2.0, size * len(rows) + 0.6), squeeze=False)
     for r, (name, weights) in enumerate(rows.items()):
         vmax = float(weights.max())
         for i in range(n):
             artist = overlay_attention(axes[r, i], images[i], weights[i], vmax=vmax)
             if object_masks is not None and patch_size is not None:
                 outline_mask(axes[r, i], object_masks[i], patch_size, color="cyan")
-        axes[r, 0].set_ylabel(name, fontsize=8)
-        fig.colorbar(artist, ax=axes[r].tolist(), shrink=0.8, label="weight")
+        axes[r, 0].set_ylabel(name, fontsize=11)
+        bar = fig.colorbar(artist, ax=axes[r].tolist(), shrink=0.9, pad=0.02)
+        bar.ax.tick_params(labelsize=11)
+        bar.set_label("weight", fontsize=11)
     return fig
 
 
@@ -382,8 +384,9 @@ def statistics_table(stats, statistics: list[str], digits: int = 3) -> Table:
                                                 f"{stats.layout.num_patches} patches")
 
 
-def glue(name: str, text: str) -> str:
-    """Store `text` under `name` for the book's pages ({glue:text} there); returns it. A no-op without myst-nb (Colab)."""
+def glue(name: str, text: str | plt.Figure) -> str | plt.Figure:
+    """Store `text` (or a figure) under `name` for the book's pages ({glue:text}, {glue:figure} there); returns it.
+    A no-op without myst-nb (Colab)."""
     try:
         from myst_nb import glue as myst_glue
     except ImportError:

@@ -81,7 +81,7 @@ def diagram_cells() -> list[tuple[str, dict, str]]:
     for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb")):
         for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
             source = "".join(cell["source"])
-            if cell["cell_type"] == "code" and "diagrams." in source:
+            if cell["cell_type"] == "code" and any(f"diagrams.{name}(" in source for name in diagrams.ALL):
                 found.append((path.stem, cell["metadata"], source))
     return found
 
@@ -128,3 +128,19 @@ def test_headline_chart_shows_the_numbers_the_book_quotes():
     for value in diagrams.PAPER_HEADLINE.values():  # the chart and the landing page's text agree
         assert f"{value:.1f} %" in intro
 
+
+
+def test_paper_vs_lab_puts_the_papers_numbers_first_and_the_labs_after():
+    from selagg_utils import viz
+
+    fig = diagrams.paper_vs_lab({"the lab:\ntiny-mae": (0.513, 0.709)}, "paper and lab")
+    try:
+        labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        assert labels[0].startswith("the paper") and labels[1] == "the lab:\ntiny-mae"
+        shown = texts(fig)
+        for value in (*diagrams.PAPER_HEADLINE.values(), 51.3, 70.9):
+            assert f"{value:.1f}" in shown, f"the chart lacks {value}"
+        px, text = viz.smallest_text_px(fig)
+        assert px >= viz.MIN_TEXT_PX, f"{text!r} shows at {px:.1f} px on the page"
+    finally:
+        plt.close(fig)

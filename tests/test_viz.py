@@ -149,7 +149,7 @@ def test_bench_table_in_a_notebook_leaves_out_columns_without_values(monkeypatch
     rows = [bench.BenchRow(step="eager", device="cpu", model="m", batch_size=8, precision="fp32", median_ms=2.0)]
     bench_report.show(rows)
     (table,) = shown
-    assert table.header == ["step", "batch", "prec", "median ms"]
+    assert table.header == ["step", "batch", "precision", "median ms"]
     assert table.rows == [["eager", "8", "fp32", "2.0"]]
     assert "device: cpu" in capsys.readouterr().out
 
@@ -166,5 +166,5 @@ def test_bench_table_in_a_notebook_names_a_setting_every_row_shares_once(monkeyp
             for s, p, ms in (("eager", "fp32", 2.0), ("autocast", "bf16", 1.0))]
     bench_report.show(rows)
     (table,) = shown
-    assert table.header == ["step", "prec", "median ms"]
+    assert table.header == ["step", "precision", "median ms"]
     assert "every row: batch 64, params 10" in capsys.readouterr().out
