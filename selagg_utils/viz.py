@@ -346,9 +346,12 @@ class Table:
                               f"{self.header}; pad short rows (e.g. with '-').")
 
     def _repr_html_(self) -> str:
-        def cell(tag: str, text: str) -> str:  # long snake_case names may break after "_"
+        narrow = "; padding-left: 0.25em; padding-right: 0.25em" if len(self.header) > 8 else ""
+
+        def cell(tag: str, text: str) -> str:  # long names may break after "_" or "/"
             keep = "; white-space: nowrap" if tag == "td" and len(text) <= self.SHORT else ""
-            return f'<{tag} style="{self.STYLE[tag]}{keep}">{html.escape(text).replace("_", "_<wbr>")}</{tag}>'
+            text = html.escape(text).replace("_", "_<wbr>").replace("/", "/<wbr>")
+            return f'<{tag} style="{self.STYLE[tag]}{keep}{narrow}">{text}</{tag}>'
 
         def row(tag: str, cells: list[str]) -> str:
             return "<tr>" + "".join(cell(tag, c) for c in cells) + "</tr>"
@@ -362,8 +365,7 @@ class Table:
     def _repr_markdown_(self) -> str:
         return (f"{self.title}\n\n" if self.title else "") + markdown_table(self.header, self.rows)
 
-    def __repr__(self) -> str:
-        return self._repr_markdown_()
+    __repr__ = _repr_markdown_
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -401,10 +403,7 @@ def show_table(header: list[str] | Table, rows: list[list] | None = None) -> Non
     try:
         from IPython import get_ipython
         from IPython.display import display
-
-        if get_ipython() is not None:
-            display(table)
-            return
-    except ImportError:
-        pass
-    print(table)
+    except ImportError:  # no IPython: Markdown text
+        print(table)
+        return
+    (display if get_ipython() is not None else print)(table)

@@ -64,3 +64,35 @@ def test_a_wide_line_is_found_and_one_in_a_hidden_cell_is_not():
     nb = {"cells": [cell(fits), cell(wide), cell(wide, ["remove-cell"]), cell(wide, ["remove-input"]),
                     cell(wide, kind="markdown")]}
     assert wide_lines(nb) == [(1, CODE_COLUMN_CHARS + 1, wide), (3, CODE_COLUMN_CHARS + 1, wide)]
+
+
+def fenced_lines(markdown: str) -> list[str]:
+    """The lines inside the markdown's code fences (```bash, ```python, ...), directives like ```{figure} not."""
+    lines, fence, indent = [], None, 0  # fence: None outside, else "code" or "directive"
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = None if fence else "directive" if line.lstrip()[3:].startswith("{") else "code"
+            indent = len(line) - len(line.lstrip())  # a fence inside a list item: the page drops it
+        elif fence == "code":
+            lines.append(line[indent:])
+    return lines
+
+
+def prose_pages() -> dict[str, str]:
+    """Every chapter's markdown cells, and every page under book/ but the solutions (which fold their code)."""
+    pages = {p.name: p.read_text() for p in (ROOT / "book").glob("*.md") if p.name != "solutions.md"}
+    for path in CHAPTERS:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        pages[path.name] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return pages
+
+
+def test_no_code_block_in_the_prose_is_wider_than_the_column():
+    wide = [(name, line) for name, text in prose_pages().items() for line in fenced_lines(text)
+            if len(line) > CODE_COLUMN_CHARS]
+    assert not wide, f"code lines in the prose wider than {CODE_COLUMN_CHARS} characters (wrap with `\\`): {wide}"
+
+
+def test_fenced_lines_are_found_and_directives_are_not():
+    text = "```bash\nmake book\n```\n```{figure} a.png\n:alt: x\n```\n  ```python\n  x = 1\n  ```"
+    assert fenced_lines(text) == ["make book", "x = 1"]
