@@ -79,12 +79,10 @@ def show_source(obj) -> None:
     """Display the source code of a package function or class, highlighted, in a notebook."""
     code = inspect.getsource(obj)
     try:
-        from IPython.display import HTML, Code, display
+        from IPython.display import Code, display
 
-        # Package lines are longer than the page's column: wrap them there instead of scrolling sideways.
-        listing = Code(code, language="python")._repr_html_()
-        display(HTML(listing.replace('<div class="highlight"><pre>',
-                                     '<div class="highlight"><pre style="white-space: pre-wrap">', 1)))
+        # The book wraps these listings to its column (_static/listings.css).
+        display(Code(code, language="python"))
     except ImportError:  # outside IPython
         print(code)
 
