@@ -1,7 +1,8 @@
-"""The solutions page (`book/solutions.md`) read as data: exercises, solutions and their code, per chapter.
+"""The book's text read as data: the solutions page's exercises, solutions and code, per chapter,
+and the Markdown of every page.
 
-Plain functions, imported by `tests/test_solutions.py` (the pairing checks) and by
-`notebooks/conftest.py` (which appends each chapter's solution code to the chapter's nbval run).
+Plain functions, imported by the tests (`tests/test_solutions.py`, the pairing checks; the prose
+checks) and by `notebooks/conftest.py` (which appends each chapter's solution code to its nbval run).
 """
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ def markdown_of(path: Path) -> str:
     """All Markdown cells of a notebook, joined."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
+def reader_markdown() -> dict[str, str]:
+    """Page name -> the Markdown a reader meets: each page under book/, each chapter's Markdown cells."""
+    pages = {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "book").glob("*.md"))}
+    pages.update({p.name: markdown_of(p) for p in sorted((ROOT / "notebooks").glob("0*.ipynb"))})
+    return pages
 
 
 def directives(text: str, kind: str) -> dict[str, str]:

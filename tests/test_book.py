@@ -92,17 +92,10 @@ UNTITLED_WITH_TEXT = re.compile(r"^(?::::+|```+)\{(?:note|tip|hint|important|war
                                 r"[ \t]+\S[^\n]*\n:", re.M)
 
 
-def page_sources() -> dict[str, str]:
-    """The markdown a reader meets: every chapter's markdown cells and every page under book/."""
-    found = {p.name: (ROOT / p).read_text() for p in (ROOT / "book").glob("*.md")}
-    for nb in NOTEBOOKS:
-        cells = json.loads(nb.read_text())["cells"]
-        found[nb.name] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    return found
-
-
 def test_no_admonition_puts_its_title_where_its_body_goes():
-    wrong = [name for name, text in page_sources().items() if UNTITLED_WITH_TEXT.search(text)]
+    from solutions_page import reader_markdown
+
+    wrong = [name for name, text in reader_markdown().items() if UNTITLED_WITH_TEXT.search(text)]
     assert not wrong, f"{wrong}: use :::{{admonition}} Title with :class: note dropdown"
     assert UNTITLED_WITH_TEXT.search(":::{note} Under the hood\n:class: dropdown\ntext\n:::")
     assert not UNTITLED_WITH_TEXT.search(":::{admonition} Under the hood\n:class: note dropdown\n:::")

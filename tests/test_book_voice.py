@@ -4,11 +4,11 @@ Every chapter's Markdown cells and every page under book/ are read, less code (f
 so that names such as `"abmilp-gated"` and the prose's "gated attention" pass. Phrases are matched,
 never bare words: a "target" of a loss, or a chapter's "Learning goals", is the subject itself.
 """
-import json
 import re
 from pathlib import Path
 
 import pytest
+from solutions_page import markdown_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "notebooks").glob("0*.ipynb")) + sorted((ROOT / "book").glob("*.md"))
@@ -23,12 +23,7 @@ CODE = re.compile(r"(`{3,}|~{3,})[^\n]*\n.*?\1|`[^`\n]*`", re.S)
 
 def prose(path: Path) -> str:
     """The page's text a reader reads as prose: Markdown cells of a chapter, or a page's Markdown."""
-    if path.suffix == ".ipynb":
-        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-        text = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    else:
-        text = path.read_text(encoding="utf-8")
-    return CODE.sub(" ", text)
+    return CODE.sub(" ", markdown_of(path) if path.suffix == ".ipynb" else path.read_text(encoding="utf-8"))
 
 
 def planning_phrases(text: str) -> list[str]:

@@ -78,18 +78,11 @@ def fenced_lines(markdown: str) -> list[str]:
     return lines
 
 
-def prose_pages() -> dict[str, str]:
-    """Every chapter's markdown cells, and every page under book/ but the solutions (which fold their code)."""
-    pages = {p.name: p.read_text() for p in (ROOT / "book").glob("*.md") if p.name != "solutions.md"}
-    for path in CHAPTERS:
-        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-        pages[path.name] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
-    return pages
-
-
 def test_no_code_block_in_the_prose_is_wider_than_the_column():
-    wide = [(name, line) for name, text in prose_pages().items() for line in fenced_lines(text)
-            if len(line) > CODE_COLUMN_CHARS]
+    from solutions_page import reader_markdown  # the solutions fold their code: test_solutions.py checks it
+
+    wide = [(name, line) for name, text in reader_markdown().items() if name != "solutions.md"
+            for line in fenced_lines(text) if len(line) > CODE_COLUMN_CHARS]
     assert not wide, f"code lines in the prose wider than {CODE_COLUMN_CHARS} characters (wrap with `\\`): {wide}"
 
 
