@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selagg_utils.errors import SelaggError  # noqa: E402
+from selagg_utils.checks import SelaggError
 
 DEFAULT_SWEEP = {"cuda": "64,128,256,512,1024,2048", "cpu": "16,64,256", "mps": "16,64,256"}
 
@@ -57,22 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from selagg_utils import bench, bench_report, devices
+        from selagg_utils import config
+        from selagg_utils.bench import hardware, ladder
+        from selagg_utils.bench import report as bench_report
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = devices.resolve_device(args.device)
+        device = config.resolve_device(args.device)
         sizes = sweep_sizes(args.sweep if args.sweep is not None else DEFAULT_SWEEP.get(device.type, ""))
-        ladder = bench.LadderSizes(batch=args.batch_size, repeats=args.steps, sweep=tuple(sizes),
-                                   probe_steps=args.probe_steps or max(2, args.steps // 2),
-                                   skip_compile="--no-compile was given" if args.no_compile else "")
-        rows = bench.run_ladder(args.model, device, ladder, probe=not args.no_probe, peak=args.peak_tflops)
+        sizes = ladder.LadderSizes(batch=args.batch_size, repeats=args.steps, sweep=tuple(sizes),
+                                  probe_steps=args.probe_steps or max(2, args.steps // 2),
+                                  skip_compile="--no-compile was given" if args.no_compile else "")
+        rows = ladder.run_ladder(args.model, device, sizes, probe=not args.no_probe, peak=args.peak_tflops)
     except SelaggError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     bench_report.show(rows)
-    path = args.csv or Path(f"bench_{slug(args.model)}_{slug(devices.device_name(device))}.csv")
-    print(f"wrote {bench.write_csv(rows, path)}")
+    path = args.csv or Path(f"bench_{slug(args.model)}_{slug(hardware.device_name(device))}.csv")
+    print(f"wrote {ladder.write_csv(rows, path)}")
     return 0
 
 

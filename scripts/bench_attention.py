@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from selagg_utils import attention, config, data, devices, digits, models  # noqa: E402
-from selagg_utils.errors import SelaggError  # noqa: E402
-from selagg_utils.timing import peak_memory, wall_and_cpu_seconds  # noqa: E402
+from selagg_utils import attention, config, data, models
+from selagg_utils.bench.timing import peak_memory, wall_and_cpu_seconds
+from selagg_utils.checks import SelaggError
 
 MODES = ("forward", "statistics")
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def test_loader(dataset_name: str, n_images: int, batch_size: int) -> DataLoader:
     """The first n_images of the scale's test split."""
     if dataset_name == "cluttered-digits":
-        dataset = digits.cluttered_digits("test", n_images=n_images).with_object_masks()
+        dataset = data.cluttered_digits("test", n_images=n_images).with_object_masks()
     else:
         full = data.load_dataset(dataset_name, "test")
         dataset = torch.utils.data.Subset(full, range(min(n_images, len(full))))
@@ -59,7 +59,7 @@ def test_loader(dataset_name: str, n_images: int, batch_size: int) -> DataLoader
 def plain_forward(model: torch.nn.Module, loader: DataLoader) -> None:
     """One forward pass over the loader, as feature extraction does it (fused attention, autocast on CUDA)."""
     dev = next(model.parameters()).device
-    with devices.autocast(dev):
+    with config.autocast(dev):
         for batch in loader:
             model.forward_features(batch[0].to(dev))
 

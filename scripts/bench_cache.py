@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from selagg_utils import extraction, features, token_store  # noqa: E402
+from selagg_utils import extraction, features
+from selagg_utils.bench.timing import median_seconds
+from selagg_utils.cache import store as token_store
 from selagg_utils.data import load_dataset  # noqa: E402
 from selagg_utils.features import TokenSet  # noqa: E402
 from selagg_utils.models import TokenLayout  # noqa: E402
-from selagg_utils.timing import median_seconds  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -74,7 +74,7 @@ class AnonPeak:
 
 def anon_rss() -> int:
     """This process's anonymous resident memory in bytes (0 where /proc is missing)."""
-    from selagg_utils.timing import status_kib
+    from selagg_utils.bench.timing import status_kib
 
     return (status_kib("RssAnon") or 0) * 1024
 
@@ -95,10 +95,11 @@ def child(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process: what it did, its wall time, peak RSS and peak anonymous RSS."""
     import torch
 
-    from selagg_utils import cache_keys, extraction, features
-    from selagg_utils.imagenette import image_folder
+    from selagg_utils import extraction, features
+    from selagg_utils.bench.timing import lifetime_peak_rss_bytes, seconds
+    from selagg_utils.cache import keys as cache_keys
+    from selagg_utils.imagenette.folders import image_folder
     from selagg_utils.models import load_backbone
-    from selagg_utils.timing import lifetime_peak_rss_bytes, seconds
 
     dataset = image_folder(Path(args.root) / "imagenette2-160", "train")
     out = {"images": len(dataset)}
@@ -143,7 +144,7 @@ def measured(kind: str, root: Path, cache: Path, batch_size: int) -> dict:
 
 def generated_images(folder: Path, n_images: int) -> Path:
     """A generated Imagenette stand-in of n_images training images (10 classes), one val image per class."""
-    from selagg_utils.rehearsal import fake_imagenette
+    from selagg_utils.scaleout.rehearsal import fake_imagenette
 
     return fake_imagenette(folder / f"images-{n_images}", train_per_class=n_images // 10, val_per_class=1)
 

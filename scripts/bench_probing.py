@@ -21,14 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from selagg_utils import SelaggError, config  # noqa: E402
+from selagg_utils import SelaggError, config
+from selagg_utils.bench.timing import seconds
 from selagg_utils.data import load_dataset  # noqa: E402
 from selagg_utils.extraction import ExtractOptions  # noqa: E402
 from selagg_utils.features import cached_tokens  # noqa: E402
 from selagg_utils.models import load_backbone, tiny_checkpoint_path  # noqa: E402
-from selagg_utils.probing import ProbeRecipe, fit_stack, probe_accuracy, probe_head  # noqa: E402
-from selagg_utils.stacking import ProbeStack, training_source  # noqa: E402
-from selagg_utils.timing import seconds  # noqa: E402
+from selagg_utils.probing import ProbeRecipe, probe_accuracy, probe_head
+from selagg_utils.sweep.loop import fit_stack
+from selagg_utils.sweep.stacks import ProbeStack, training_source
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

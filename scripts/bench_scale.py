@@ -49,10 +49,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from selagg_utils import shard_files  # noqa: E402
-from selagg_utils.errors import SelaggError  # noqa: E402
+from selagg_utils.checks import SelaggError
 from selagg_utils.models import TokenLayout  # noqa: E402
-from selagg_utils.shards import TokenStore  # noqa: E402
+from selagg_utils.scaleout import shard_files
+from selagg_utils.scaleout.shards import TokenStore
 
 VIT = "random:vit_base_patch16_224"
 
@@ -145,8 +145,8 @@ def probe_rows(images: int, num_tokens: int, dim: int, processes: list[int], lab
 
 def probe_worker(images: int, num_tokens: int, dim: int) -> int:
     """One process of `probe_epoch_run`: the first prints the row as JSON."""
-    from selagg_utils.ddp_probing import ProbeProblem, bench_probe_epoch
-    from selagg_utils.distributed import process_group
+    from selagg_utils.scaleout.ddp_probing import ProbeProblem, bench_probe_epoch
+    from selagg_utils.scaleout.distributed import process_group
 
     with process_group("gloo") as info:
         row = bench_probe_epoch("abmilp", ProbeProblem(images=images, num_tokens=num_tokens, dim=dim))
@@ -267,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sections(args: argparse.Namespace, work: Path) -> list[Callable[[], list[Row]]]:
     """The measurements to run, in order; each returns its rows."""
-    from selagg_utils.rehearsal import fake_imagenette
+    from selagg_utils.scaleout.rehearsal import fake_imagenette
 
     tiny = ExtractionCase("tiny-mae", "tiny-mae", "cluttered-digits", "train", args.tiny_images, args.shard_size, 64)
     todo = [lambda: extraction_rows(tiny, args.processes, work)]
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.probe_worker:
         return probe_worker(*args.probe_worker)
-    from selagg_utils.cache_keys import size_text
+    from selagg_utils.cache.keys import size_text
     from selagg_utils.viz import show_table
 
     if args.work is not None:

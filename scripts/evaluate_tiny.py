@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selagg_utils.data import load_dataset  # noqa: E402
-from selagg_utils.evidence import load_tiny_mae, probe_report, reconstruction_report  # noqa: E402
+from selagg_utils.pretrain import load_tiny_mae, probe_report, reconstruction_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selagg_utils.errors import SelaggError  # noqa: E402
+from selagg_utils.checks import SelaggError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def split_dataset(backbone: str, name: str, split: str, max_images: int | None):
 
 def summary_line(n_store: int, n_now: int, seconds: float, n_bytes: int, world_size: int, out: Path) -> str:
     """The one line rank 0 prints."""
-    from selagg_utils.cache_keys import size_text
+    from selagg_utils.cache.keys import size_text
 
     rate = n_now / seconds if seconds > 0 else float("nan")
     return (f"extract_tokens: {n_store} images in the store, {n_now} extracted now by {world_size} process"
@@ -71,12 +71,13 @@ def summary_line(n_store: int, n_now: int, seconds: float, n_bytes: int, world_s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from selagg_utils.distributed import process_group
         from selagg_utils.extraction import ExtractOptions
-        from selagg_utils.shards import StoreOptions, extract_to_store
+        from selagg_utils.scaleout.distributed import process_group
+        from selagg_utils.scaleout.shard_files import StoreOptions
+        from selagg_utils.scaleout.shards import extract_to_store
 
         if args.report is not None:  # checked before the work, so that a bad path loses nothing
-            from selagg_utils.cache_keys import writable_folder
+            from selagg_utils.cache.keys import writable_folder
 
             if args.report.is_dir():
                 raise SelaggError(f"--report {args.report} is a folder; give the path of a JSON file.")

@@ -22,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from selagg_utils import probing  # noqa: E402
+from selagg_utils import probing
 from selagg_utils.attention import attention_statistics  # noqa: E402
-from selagg_utils.checkpoints import save_checkpoint  # noqa: E402
-from selagg_utils.digits import DigitsRecipe, DigitStream, cluttered_digits  # noqa: E402
+from selagg_utils.data import DigitsRecipe, DigitStream, cluttered_digits
 from selagg_utils.features import TokenSet  # noqa: E402
 from selagg_utils.linear_eval import logistic_probe_accuracy  # noqa: E402
 from selagg_utils.models import model_from_checkpoint, tiny_vit, token_layout, vit_config  # noqa: E402
 from selagg_utils.pretrain import ContrastiveJEA, MaeDecoder, MaskedAutoencoder, TrainOptions, train_steps  # noqa: E402
+from selagg_utils.weights.files import save_checkpoint
 
 STATS = ("cls_patch_entropy_norm", "cls_object_share", "cls_self")
 

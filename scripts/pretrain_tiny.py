@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selagg_utils.errors import SelaggError  # noqa: E402
+from selagg_utils.checks import SelaggError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from selagg_utils.pretrain_run import method_options, pretrain_tiny
+        from selagg_utils.weights.training import method_options, pretrain_tiny
 
         options = replace(method_options(args.method, args.device), seed=args.seed)
         options = options if args.lr is None else replace(options, lr=args.lr)

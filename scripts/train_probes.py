@@ -21,10 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selagg_utils.ddp_probing import train_probes_distributed  # noqa: E402
-from selagg_utils.distributed import ProcessInfo, process_group  # noqa: E402
+from selagg_utils.config import ProcessInfo
 from selagg_utils.features import TokenSet  # noqa: E402
 from selagg_utils.probing import ProbeRecipe, ProbeResult, checked_seeds  # noqa: E402
+from selagg_utils.scaleout.ddp_probing import train_probes_distributed
+from selagg_utils.scaleout.distributed import process_group
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_part(path: Path, info: ProcessInfo) -> tuple[TokenSet, torch.Tensor]:
     """This process's part of a token store and the global indices of its images."""
-    from selagg_utils.shards import TokenStore
+    from selagg_utils.scaleout.shards import TokenStore
 
     store = TokenStore(path)
     return store.token_set(info.rank, info.world_size), store.part_indices(info.rank, info.world_size)
@@ -87,8 +88,8 @@ def summary_line(row: dict) -> str:
 
 def checked_out(out: Path | None) -> None:
     """Refuse an output path that cannot take the results, before any training (a folder, or one not writable)."""
-    from selagg_utils.cache_keys import writable_folder
-    from selagg_utils.errors import SelaggError
+    from selagg_utils.cache.keys import writable_folder
+    from selagg_utils.checks import SelaggError
 
     if out is None:
         return
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 when done, 2 with the package's one sentence when an input is wrong."""
-    from selagg_utils.errors import SelaggError
+    from selagg_utils.checks import SelaggError
 
     args = parse_args(argv)
     try:

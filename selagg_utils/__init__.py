@@ -1,5 +1,5 @@
 """Helpers for the book "Beyond [cls]": data, backbones, attention statistics, pooling heads, probes."""
-from .errors import SelaggError
+from .checks import SelaggError
 
 __version__ = "0.1.0"
 __all__ = ["SelaggError", "__version__"]

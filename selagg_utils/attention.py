@@ -19,15 +19,13 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import devices
-from .checks import all_finite, check_finite_items
-from .errors import SelaggError
+from . import config
+from .checks import SelaggError, all_finite, check_finite_items
+from .config import progress_bar
 from .models import TokenLayout, check_images_fit, token_layout
-from .progress import progress_bar
 
-__all__ = ["STATISTICS", "BLOCK_ONLY", "check_vit", "attention_modules",
-           "unfused_attention", "attention_hooks", "AttentionMaps", "attention_maps", "renormalised_entropy",
-           "batch_statistics", "residual_ratios", "AttentionStatistics", "attention_statistics"]
+__all__ = ["unfused_attention", "attention_hooks", "attention_maps", "renormalised_entropy",
+           "batch_statistics", "attention_statistics"]
 
 #: Every statistic `attention_statistics` can return, with what it measures (per block; per head where it has one).
 STATISTICS: dict[str, str] = {
@@ -389,7 +387,7 @@ def attention_statistics(model: VisionTransformer, loader: Iterable, *, per_head
             check_finite_items(images, "Image", acc.n_images, "remove or repair that image before measuring attention")
             check_images_fit(model, images)
             acc.object_masks = object_masks
-            with devices.autocast(dev, autocast):
+            with config.autocast(dev, autocast):
                 model.forward_features(images.to(dev, non_blocking=True))
             acc.n_images += len(images)
             _check_all_captured(acc.seen, depth, model)

@@ -9,16 +9,12 @@ import hashlib
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import SelaggError
-
-__all__ = ["all_finite", "first_nonfinite_item", "check_finite_items", "update_digest", "DIGEST_PIECE",
-           "tensors_digest", "notice", "whole_number", "whole_number_fields", "real_number", "options_object",
-           "env_flag", "sequence_of"]
+__all__ = ["SelaggError"]
 
 #: Bits of the exponent of each half-precision format: all set means inf or NaN.
 _EXPONENT_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -51,38 +47,6 @@ def check_finite_items(tensor: torch.Tensor, what: str, offset: int = 0, remedy:
         raise SelaggError(f"{what} {offset + index} contains NaN or infinite values, which would turn every number "
                           f"computed from it into noise; only finite values are accepted"
                           f"{'; ' + remedy if remedy else ''}.")
-
-
-def update_digest(digest: "hashlib._Hash", name: str, tensor: torch.Tensor) -> None:
-    """Feed a tensor's name, dtype, shape and bytes to a running hash."""
-    t = tensor.detach().cpu().contiguous()
-    digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-#: Tensors are hashed in pieces of this many bytes, on all cores at once (hashlib releases the GIL).
-DIGEST_PIECE = 1 << 25
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
-    """Hex sha256 of named tensors and an optional text: of each tensor's name, dtype and shape, and of the
-    sha256 of every 32 MiB piece of its bytes (the pieces are hashed in parallel)."""
-    digest = hashlib.sha256(extra.encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-        pieces = [raw[i:i + DIGEST_PIECE] for i in range(0, len(raw), DIGEST_PIECE)]
-        workers = min(len(pieces), os.cpu_count() or 1)
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                hashes = list(pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces))
-        else:
-            hashes = [hashlib.sha256(piece).digest() for piece in pieces]
-        for h in hashes:
-            digest.update(h)
-    return digest.hexdigest()
 
 
 def notice(message: str) -> None:
@@ -154,3 +118,28 @@ def sequence_of(values, name: str, example: str) -> tuple:
         return tuple(values.tolist() if isinstance(values, (np.ndarray, torch.Tensor)) else values)
     raise SelaggError(f"{name}={values!r} is not accepted: give a list or tuple (a generator or iterator is used "
                       f"up once read), e.g. {name}={example}.")
+
+
+class SelaggError(ValueError):
+    """An error meant for the reader: one sentence that says what was wrong and what to do.
+
+    In Jupyter it shows as that sentence alone, without a traceback (IPython calls
+    `_render_traceback_`); scripts print it and exit with status 2.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_path(weights: str | os.PathLike) -> Path:
+    """The manifest that sits beside a weights file: `x.safetensors` -> `x.json`."""
+    return Path(weights).with_suffix(".json")

@@ -1,18 +1,20 @@
 """The two scales of the book: `tiny` (offline, CPU, the default) and `full` (timm weights, GPU)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from .backbone_names import check_full_scale_name
-from .checks import env_flag, notice
-from .devices import half_dtype, resolve_device
-from .errors import SelaggError
+from .checks import SelaggError, env_flag, notice
 
 SCALES = ("tiny", "full")
 ENV_VAR = "SELAGG_SCALE"
@@ -23,8 +25,8 @@ MORE_VAR = "SELAGG_MORE_BACKBONES"
 #: DINOv2 with four registers (a joint-embedding model with register tokens) and I-JEPA (no [cls] token).
 MORE_BACKBONES = ("vit_base_patch14_reg4_dinov2.lvd142m", "vit_huge_patch14_gap_224.in1k_ijepa")
 
-__all__ = ["SCALES", "ENV_VAR", "MAX_IMAGES_VAR", "MORE_VAR", "MORE_BACKBONES", "scale", "ScaleSettings", "max_images",
-           "more_backbones", "DATASET_CLASSES", "settings", "device", "half_dtype", "seed_everything", "describe"]
+__all__ = ["scale", "settings", "device", "seed_everything", "describe", "progress_bar", "resolve_device",
+           "half_precision", "autocast", "ProcessInfo", "synchronize"]
 
 
 def scale(value: str | None = None) -> str:
@@ -122,3 +124,178 @@ def describe(scale_name: str, dev: torch.device) -> str:
     import timm
 
     return f"scale={scale_name} device={dev} torch={torch.__version__} timm={timm.__version__}"
+
+
+TINY_NAMES = ("tiny-mae", "tiny-jea", "tiny-random")
+
+
+#: The seed of every untrained timm backbone, so that "random weights" name one set of weights.
+RANDOM_INIT_SEED = 0
+
+
+def is_timm_name(text: str) -> bool:
+    """Whether timm knows the architecture and, when a `.tag` is given, that pretrained tag."""
+    import timm
+
+    if not timm.is_model(text):
+        return False
+    try:
+        timm.models.get_pretrained_cfg(text)
+    except RuntimeError:  # "Invalid pretrained tag"
+        return False
+    return True
+
+
+def close_names(text: str) -> str:
+    """', did you mean ...?' with up to three close timm or tiny names, or ''."""
+    import difflib
+
+    import timm
+
+    candidates = [*TINY_NAMES, *timm.list_models(pretrained=True), *timm.list_models()]
+    close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def check_full_scale_name(name: str, where: str) -> None:
+    """Refuse (naming `where` it came from) a name the full scale cannot run: a tiny backbone or a book checkpoint
+    file (they read the tiny scale's 32-pixel grayscale images), or a name timm does not know."""
+    text = str(name)
+    if text in TINY_NAMES or (text.endswith(".safetensors") and "@" not in text):
+        raise SelaggError(f"{text!r} in {where} reads the tiny scale's 32-pixel grayscale images, not the full "
+                          "scale's 224-pixel colour images; name timm backbones there (e.g. "
+                          "'vit_small_patch16_224.dino'), or run it at the tiny scale.")
+    arch, _, weights = text.removeprefix("random:").partition("@")
+    arch, _, seed = arch.partition(":") if text.startswith("random:") else (arch, "", "")
+    if weights and not Path(weights).expanduser().is_file():
+        raise SelaggError(f"{where} names {text!r}, but there is no weights file at {weights}; give the path of a "
+                          ".safetensors, .pth or .bin file.")
+    if not is_timm_name(arch) or (seed and not seed.isdigit()):
+        raise SelaggError(f"{where} names {text!r}, which is not a backbone: give timm names (e.g. "
+                          f"'vit_small_patch16_224.dino'), 'random:<timm name>' or '<timm name>@<weights file>'"
+                          f"{close_names(arch)}.")
+
+
+_OFF = {"1", "true", "yes", "on"}
+
+
+def bars_disabled() -> bool:
+    """True when the environment asks for no progress bars (TQDM_DISABLE=1), as book builds and tests do."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in _OFF
+
+
+def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs) -> tqdm:
+    """A `tqdm.auto` bar, off when `enabled` is False or TQDM_DISABLE is set.
+
+    tqdm's notebook bar ignores TQDM_DISABLE and an explicit `disable=` overrides it everywhere,
+    so the package asks here instead of passing `disable=not progress` itself.
+    """
+    return tqdm(iterable, disable=not enabled or bars_disabled(), **kwargs)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The device asked for, after checking it exists here ('cpu', 'cuda', 'cuda:1', 'mps'); None picks cuda or cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SelaggError(f"Unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SelaggError(f"Device {name!r} asked for but this machine has no usable CUDA GPU; "
+                              "use --device cpu, or run on a machine with a GPU.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SelaggError(f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+                              f"CUDA GPU(s), numbered from 0.")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SelaggError(f"Device {name!r} asked for but Apple's MPS backend is not available here; use 'cpu'.")
+    elif device.type != "cpu":
+        raise SelaggError(f"Device {name!r} is not supported by the book; use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    return device
+
+
+def half_dtype(dev: torch.device | str) -> torch.dtype | None:
+    """The half precision a device runs natively: bfloat16 where it is native, else float16 on CUDA; None on CPU.
+
+    A T4 (compute capability 7.5) only emulates bfloat16, so it gets float16.
+    """
+    dev = torch.device(dev)
+    if dev.type != "cuda":
+        return None
+    try:
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation and reports native support only
+        native_bf16 = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native_bf16 else torch.float16
+
+
+def half_precision(device: torch.device) -> str:
+    """'fp16' on a CUDA GPU without native bf16 (`half_dtype`: a T4 only emulates it), else 'bf16' (CPUs too)."""
+    return "fp16" if half_dtype(device) is torch.float16 else "bf16"
+
+
+def autocast(device: torch.device, precision: str | torch.dtype | bool | None = None) -> contextlib.AbstractContextManager:
+    """torch.autocast in a precision: 'bf16'/'fp16' or a dtype; 'fp32' or False: none; None: the device's native
+    half precision (`half_dtype`: bf16, fp16 on a GPU that only emulates bf16, none on a CPU)."""
+    device = torch.device(device)
+    if precision is None:
+        precision = half_dtype(device) or False
+    if isinstance(precision, str):
+        if precision not in PRECISIONS:
+            raise SelaggError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+        precision = False if precision == "fp32" else DTYPES[precision]
+    if precision is False or precision is True:
+        if precision:
+            raise SelaggError("autocast=True is ambiguous; pass a dtype (torch.bfloat16), 'bf16'/'fp16', or None.")
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """This process's place in the job: rank, number of processes, and the device it computes on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes shared files and prints summaries."""
+        return self.rank == 0
+
+
+def _device_for(backend: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK under NCCL, else the CPU."""
+    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+#: What `process_group` gave while it runs without torchrun (innermost last), so that `current_process` agrees.
+_ALONE: list[ProcessInfo] = []
+
+
+def current_process() -> ProcessInfo:
+    """This process's place: from the process group when one is joined, else what `process_group` gave (rank 0 of
+    1 on its device) inside it, else rank 0 of 1 on the CPU."""
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return ProcessInfo(dist.get_rank(), dist.get_world_size(), _device_for(backend, local))
+    return _ALONE[-1] if _ALONE else ProcessInfo(0, 1, torch.device("cpu"))
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the device has finished the work queued so far (kernels run asynchronously on GPUs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

@@ -9,28 +9,21 @@ images), or into memory when the disk refuses the file, with one line saying so.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
-from .checks import check_finite_items, notice, options_object, whole_number, whole_number_fields
-from .devices import half_dtype, resolve_device
-from .distributed import current_process
-from .errors import SelaggError
-from .models import TokenLayout, check_images_fit, token_layout
-from .progress import progress_bar
-from .token_store import EntryFile
+from .checks import SelaggError, check_finite_items, options_object, whole_number, whole_number_fields
+from .config import current_process, half_dtype, progress_bar, resolve_device
+from .models import check_images_fit
 
-__all__ = ["EXTRACTION_VERSION", "ExtractOptions", "process_device", "resolved_options", "float16_options",
-           "extract_tokens",
-           "extract_blocks", "extract_pooled", "token_batches", "tokens_after", "block_tokens", "compute_precision",
-           "loader_workers", "check_extraction_inputs", "EntrySink", "pooled_rows"]
+__all__ = ["ExtractOptions", "extract_blocks"]
 
 _REPAIR = "remove or repair it, or pass a dataset without it"
 
@@ -75,16 +68,6 @@ def resolved_options(options: ExtractOptions | None = None) -> ExtractOptions:
     options = options_object(options, ExtractOptions, "options", "ExtractOptions(batch_size=64, progress=False)",
                              ExtractOptions())
     return options if options.device is not None else replace(options, device=process_device())
-
-
-def float16_options(options: ExtractOptions | None, where: str) -> ExtractOptions:
-    """The options resolved, refusing a dtype other than float16 for a place (`where`) that keeps float16 tokens."""
-    options = resolved_options(options)
-    if options.dtype != torch.float16:
-        raise SelaggError(f"{where} keeps float16 tokens, so options.dtype={options.dtype} cannot be honoured; leave "
-                          "ExtractOptions.dtype at torch.float16, or call extraction.extract_blocks for tokens in "
-                          "another dtype.")
-    return options
 
 
 @torch.inference_mode()
@@ -190,7 +173,28 @@ def token_batches(model: VisionTransformer, dataset: Dataset, blocks: list[int |
         done += len(labels)
 
 
-def filled(sinks: list[EntrySink], batches: Iterator[list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+class TokenSink:
+    """Where one block's rows go during extraction: memory. The token cache passes sinks of the same three
+    methods that stream into an entry file instead (`cache.entries.EntrySink`)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, rows: dict[str, torch.Tensor]) -> None:
+        """Take one batch's rows (one tensor per name, each with the batch's images first)."""
+        for name, t in rows.items():
+            self.parts.setdefault(name, []).append(t)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The rows of every batch, joined."""
+        return {name: torch.cat(parts) for name, parts in self.parts.items()}
+
+    def discard(self) -> None:
+        """Drop what was kept (an extraction that failed)."""
+        self.parts.clear()
+
+
+def filled(sinks: list[TokenSink], batches: Iterator[list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
     """Feed each batch's rows to their sinks and return what each sink holds; on any error, discard them all."""
     try:
         for rows in batches:
@@ -205,96 +209,22 @@ def filled(sinks: list[EntrySink], batches: Iterator[list[dict[str, torch.Tensor
 
 def extract_blocks(model: VisionTransformer, dataset: Dataset, blocks: list[int | None],
                    options: ExtractOptions = ExtractOptions(),
-                   into: list[EntrySink] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   into: list[TokenSink] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Tokens after several blocks in one pass over the data: ([(N, T, D)] per block, labels (N,)).
 
     With `into` (one sink per block), each batch goes straight into that block's entry file and the
     tokens returned map the finished file; without it they are gathered in memory.
     """
-    sinks = into if into is not None else [EntrySink(None, {}, len(dataset)) for _ in blocks]
+    sinks = into if into is not None else [TokenSink() for _ in blocks]
     batches = token_batches(model, dataset, blocks, options)
     held = filled(sinks, ([{"labels": labels, "tokens": t} for t in tokens] for tokens, labels in batches))
     return [h["tokens"] for h in held], held[0]["labels"]
 
 
-def pooled_rows(tokens: torch.Tensor, labels: torch.Tensor, layout: TokenLayout) -> dict[str, torch.Tensor]:
-    """One batch's pooled features: [cls] (if any) and the mean of the patch tokens, float32, and labels."""
-    rows = {"labels": labels, "mean": tokens[:, layout.num_prefix_tokens:].float().mean(1)}
-    if layout.has_cls:
-        rows["cls"] = tokens[:, 0].float()
-    return rows
+#: `TokenSet.mean_patches` converts this many bytes of float32 tokens at a time.
+CHUNK_BYTES = 64 << 20
 
 
-def extract_pooled(model: VisionTransformer, dataset: Dataset, block: int | None = None,
-                   options: ExtractOptions = ExtractOptions(), into: EntrySink | None = None) -> dict[str, torch.Tensor]:
-    """[cls] ('cls', only for a model with one), mean of the patch tokens ('mean'), (N, D) float32, and 'labels'.
-
-    Pooled from the float16 tokens batch by batch (the same numbers as `TokenSet.cls` and `.mean_patches`
-    of the cached tokens), without keeping any tokens; `options.dtype` is not used.
-    """
-    layout = token_layout(model)
-    sink = into if into is not None else EntrySink(None, {}, len(dataset))
-    batches = token_batches(model, dataset, [block], replace(options, dtype=torch.float16))
-    return filled([sink], ([pooled_rows(tokens[0], labels, layout)] for tokens, labels in batches))[0]
-
-
-def refusal_reason(err: OSError) -> str:
-    """What the disk said when it refused a write."""
-    return err.strerror or str(err)
-
-
-class EntrySink:
-    """Where one entry's rows go during extraction: its file, streamed (or memory without a path, or once the disk
-    refuses the file: then one line says so and the rows are returned all the same)."""
-
-    def __init__(self, path: Path | None, meta: dict[str, str], n_rows: int, what: str = "tokens"):
-        self.path, self.meta, self.n_rows, self.what = path, meta, n_rows, what
-        self.file: EntryFile | None = None
-        self.memory: dict[str, list[torch.Tensor]] | None = None if path is not None else {}
-        self.done = 0
-
-    def add(self, rows: dict[str, torch.Tensor]) -> None:
-        """Take one batch's rows (one tensor per name, each with the batch's images first)."""
-        if self.memory is None:
-            try:
-                if self.file is None:
-                    self.file = EntryFile(self.path, {n: (t.dtype, (self.n_rows, *t.shape[1:]))
-                                                      for n, t in rows.items()}, self.meta)
-                for name, t in rows.items():
-                    self.file.write(name, t)
-                self.done += len(next(iter(rows.values())))
-                return
-            except OSError as err:
-                self.keep_in_memory(err)
-        for name, t in rows.items():
-            self.memory.setdefault(name, []).append(t)
-        self.done += len(next(iter(rows.values())))
-
-    def keep_in_memory(self, err: OSError) -> None:
-        """The disk refused the file: read back what it holds, drop it, and say so in one line."""
-        self.memory = {}
-        if self.file is not None:
-            self.memory = {name: [self.file.written(name, self.done)] for name in self.file.rows}
-            self.file.discard()
-            self.file = None
-        notice(f"Could not store the cache entry {self.path} ({refusal_reason(err)}); the {self.what} are used now "
-               "but will be extracted again next time.")
-
-    def result(self) -> dict[str, torch.Tensor]:
-        """The entry's tensors: mapped from the finished file, or from memory."""
-        if self.memory is None:
-            try:
-                return self.file.publish()
-            except OSError as err:  # the file is complete but cannot be named: keep it mapped, unnamed
-                state = self.file.mapped()
-                self.file.discard()
-                notice(f"Could not store the cache entry {self.path} ({refusal_reason(err)}); the {self.what} are "
-                       "used now but will be extracted again next time.")
-                return state
-        return {name: torch.cat(parts) for name, parts in self.memory.items()}
-
-    def discard(self) -> None:
-        """Drop whatever was written (an extraction that failed)."""
-        if self.file is not None:
-            self.file.discard()
-            self.file = None
+def images_per_chunk(tokens: torch.Tensor) -> int:
+    """How many images of (N, T, D) tokens fit in CHUNK_BYTES once converted to float32 (at least one)."""
+    return max(1, CHUNK_BYTES // max(1, 4 * math.prod(tokens.shape[1:])))

@@ -8,12 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import all_finite, real_number, whole_number
-from .errors import SelaggError
+from .checks import SelaggError, all_finite, real_number, whole_number
 from .features import TokenSet, check_same_source
 
-__all__ = ["knn_accuracy", "logistic_probe_accuracy", "ridge_accuracy", "position_accuracy", "check_features",
-           "POSITION_CHUNK_BYTES"]
+__all__ = ["knn_accuracy", "logistic_probe_accuracy", "ridge_accuracy", "position_accuracy"]
 
 
 def check_features(train: torch.Tensor, test: torch.Tensor) -> None:

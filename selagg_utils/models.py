@@ -1,6 +1,7 @@
 """Backbones: the shipped tiny ViTs, timm checkpoints (full scale) and local checkpoint files."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,16 +10,11 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .backbone_names import RANDOM_INIT_SEED, TINY_NAMES, close_names, is_timm_name
-from .checkpoints import load_checkpoint, read_manifest, read_weights_file, sha256_of, sub_state, unwrapped_state
-from .checks import env_flag, notice
-from .errors import SelaggError
+from .checks import SelaggError, env_flag, manifest_path, notice, sha256_of
+from .config import RANDOM_INIT_SEED, TINY_NAMES, close_names, is_timm_name
 
-__all__ = ["CHECKPOINT_DIR", "TINY_CONFIG", "TINY_NAMES", "FULL_NAMES", "RANDOM_INIT_SEED", "tiny_vit",
-           "check_image_size", "tiny_checkpoint_path", "BackboneSpec", "resolve_backbone", "is_timm_name",
-           "full_scale_img_size", "data_config", "load_backbone", "uses_pretrained_weights", "weights_cached",
-           "check_weights_reachable", "model_from_checkpoint", "load_weights_file", "load_weights", "check_images_fit",
-           "vit_config", "TokenLayout", "token_layout"]
+__all__ = ["TINY_CONFIG", "tiny_vit", "tiny_checkpoint_path", "data_config", "load_backbone",
+           "model_from_checkpoint", "vit_config", "TokenLayout", "token_layout", "read_manifest"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -67,26 +63,6 @@ class BackboneSpec:
     seed: int | None = None
     img_size: int | None = None
 
-    def identity(self) -> dict:
-        """What identifies the weights this spec loads (part of every feature cache key)."""
-        import timm
-
-        code = {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]}  # they compute the tokens
-        if self.kind in ("tiny", "file"):  # the manifest's architecture too: it decides how the weights are used
-            manifest = read_manifest(self.path)
-            weights = {"backbone": self.name, "sha256": manifest["sha256"]} if self.kind == "tiny" else \
-                {"backbone": self.path.name, "sha256": sha256_of(self.path)}
-            return {**weights, "model_config": manifest.get("model_config"), **code}
-        size = {"img_size": self.img_size} if self.img_size else {}
-        if self.path is not None:  # a timm architecture with weights from a local file
-            return {"backbone": self.arch, "weights": self.path.name, "sha256": sha256_of(self.path), **size, **code}
-        if not self.pretrained:
-            return {"backbone": self.name, "weights": "random", "seed": self.seed, **code, **size}
-        cfg = timm.models.get_pretrained_cfg(self.arch)
-        source = (cfg.hf_hub_id or cfg.url or "") if cfg is not None else ""
-        return {"backbone": self.name, "weights": "pretrained", "tag": getattr(cfg, "tag", None) or "default",
-                "source": source, **code, **size}
-
 
 def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
                      pretrained: bool | None = None) -> BackboneSpec:
@@ -96,7 +72,6 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
     `random:<timm name>:<seed>`), `<timm name>@<weights file>`, and a timm name (pretrained weights
     at full scale unless SELAGG_PRETRAINED=0 or `pretrained=False`; seeded random weights otherwise).
     """
-    import timm
 
     from .config import scale as resolve_scale
 
@@ -137,7 +112,6 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
 
 def full_scale_img_size(arch: str) -> int | None:
     """224 for a timm architecture whose default input is larger (DINOv2's 518 px), so every backbone sees 224 px."""
-    import timm
 
     cfg = timm.models.get_pretrained_cfg(arch)
     size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
@@ -149,7 +123,6 @@ def data_config(name: str | os.PathLike) -> dict | None:
 
     None for the tiny backbones and this book's checkpoint files, which read the lab's tensors as stored.
     """
-    import timm
     from timm.data import resolve_data_config
 
     spec = resolve_backbone(name, scale="full", pretrained=False)
@@ -187,7 +160,7 @@ def uses_pretrained_weights(scale: str, pretrained: bool | None) -> bool:
 
 def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
     """A timm ViT: hub weights (after a quick network check), a local weights file, or seeded random weights."""
-    import timm
+    from .weights.hub import check_weights_reachable, looks_offline
 
     if spec.img_size:
         kwargs.setdefault("img_size", spec.img_size)
@@ -200,7 +173,7 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
             torch.manual_seed(spec.seed if spec.seed is not None else RANDOM_INIT_SEED)
             model = timm.create_model(spec.arch, num_classes=0, **{"pretrained": False, **source}, **kwargs)
     except (OSError, RuntimeError, KeyError, ValueError) as err:
-        if spec.pretrained and _looks_offline(err):
+        if spec.pretrained and looks_offline(err):
             raise SelaggError(f"Could not download the weights of {spec.arch!r}: no network connection; the full "
                               "scale needs internet access once (weights are then cached), the tiny scale runs offline.") from None
         raise
@@ -215,67 +188,12 @@ def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
 def load_weights_file(model: VisionTransformer, path: Path, arch: str) -> None:
     """Fill every weight of a timm ViT from a local file, all or nothing: a known nesting or wrapper prefix is
     removed (said in one line), timm's conversions applied, and any weight missing or left over refused."""
-    import sys
+    from .weights.files import fitted_state
 
-    own = set(model.state_dict())
-    state, steps = unwrapped_state(read_weights_file(path), own, path.name)
-    head = sorted(k for k in state if k.split(".")[0] == "head" and k not in own)  # a classifier; the backbone has none
-    state = {k: v for k, v in state.items() if k not in head}
-    steps += [f"left out the classifier {', '.join(head)}"] if head else []
-    convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if convert is not None:
-        try:
-            state = convert(state, model)
-        except Exception as err:  # timm's conversions assume its layouts; anything else is a file that does not fit
-            raise SelaggError(f"The weights in {path.name} do not fit the architecture {arch!r} ({type(err).__name__}:"
-                              f" {str(err)[:120]}); give that architecture's checkpoint.") from None
+    state, steps = fitted_state(model, path, arch)
     load_weights(model, state, path.name, f"the architecture {arch!r}")
     if steps:
         notice(f"Read the weights of {arch!r} from {path.name}: {'; '.join(steps)}.")
-
-
-def _looks_offline(err: BaseException) -> bool:
-    """Whether an exception from the hub client means "no network" (or offline mode)."""
-    text = f"{type(err).__name__} {err}".lower()
-    return any(s in text for s in ("offline", "connection", "resolve", "network", "timed out", "localentrynotfound",
-                                   "cannot find the requested files", "max retries"))
-
-
-def weights_cached(arch: str) -> bool:
-    """Whether timm's pretrained weights for `arch` are already on this machine (no download needed)."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None:
-        return False
-    if cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin",
-                                      "open_clip_pytorch_model.bin")):
-            if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
-                return True
-        return False
-    if cfg.url:
-        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-        return (hub_dir / Path(cfg.url).name).is_file()
-    return False
-
-
-def check_weights_reachable(arch: str) -> None:
-    """One SelaggError sentence within seconds when pretrained weights are neither cached nor downloadable."""
-    if weights_cached(arch):
-        return
-    import timm
-
-    from .network import HUB_HOST, require_network
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    url = cfg.url if cfg is not None and cfg.url and not cfg.hf_hub_id else HUB_HOST
-    require_network(url, f"the pretrained weights of {arch!r}",
-                    "connect once (the weights are then cached), give a local file as '<timm name>@<path>', "
-                    "set SELAGG_PRETRAINED=0 to rehearse with random weights, or use the tiny scale")
 
 
 def model_from_checkpoint(path: str | os.PathLike) -> VisionTransformer:
@@ -387,3 +305,41 @@ def token_layout(model: torch.nn.Module) -> TokenLayout:
         raise SelaggError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens that are neither "
                           "[cls] nor registers; only timm ViTs with [cls] and/or register tokens are supported.")
     return TokenLayout(has_cls, num_registers, tuple(int(g) for g in model.patch_embed.grid_size))
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a weights file: a JSON object with a sha256 string, or a clear error."""
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise SelaggError(f"Checkpoint {path} has no manifest {mpath.name} beside it; it cannot be verified.")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SelaggError(f"The manifest {mpath} is not valid JSON ({err.__class__.__name__}); a manifest is a JSON "
+                          "object written by save_checkpoint: restore it or save the checkpoint again.") from None
+    sha = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        found = "no JSON object" if not isinstance(manifest, dict) else "no 64-digit hex sha256"
+        raise SelaggError(f"The manifest {mpath} holds {found}; a manifest is a JSON object with the weights' "
+                          "sha256, as save_checkpoint writes it: restore it or save the checkpoint again.")
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Verified (state_dict, manifest): refuses a file whose sha256 differs from its manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelaggError(f"No checkpoint file at {path}.")
+    manifest = read_manifest(path)
+    actual = sha256_of(path)
+    if actual != manifest.get("sha256"):
+        raise SelaggError(f"Checkpoint {path.name} does not match its manifest (sha256 {actual[:12]}… "
+                          f"instead of {str(manifest.get('sha256'))[:12]}…): refusing to load a changed or damaged file.")
+    from .weights.files import read_weights_file  # a sentence, not a traceback, for a file it cannot read
+
+    return read_weights_file(path), manifest
+
+
+def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.`, with the prefix removed."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}

@@ -12,28 +12,32 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 
-from .aggregation import HEAD_KINDS, Aggregator, make_head
-from .checks import (first_nonfinite_item, notice, options_object, real_number, sequence_of, whole_number,
-                     whole_number_fields)
-from .devices import resolve_device
-from .errors import SelaggError
+from .checks import (
+    SelaggError,
+    first_nonfinite_item,
+    notice,
+    options_object,
+    real_number,
+    sequence_of,
+    whole_number,
+    whole_number_fields,
+)
+from .config import resolve_device
 from .features import TokenSet, check_same_source
+from .heads import HEAD_KINDS, Aggregator, make_head
 from .models import TokenLayout, token_layout
-from .optim import OPTIMIZERS, make_optimizer
-from .progress import progress_bar
-from .stacking import ProbeStack, diverged_copies, stack_accuracy, training_source
 
-__all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "head_inputs", "train_probes", "train_probe", "fit_stack",
-           "probe_accuracy", "head_weights", "LowShot", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt",
-           "check_probe_inputs", "check_finite_tokens", "checked_seeds", "MAX_LR", "cross_entropy_backward"]
+__all__ = ["ProbeRecipe", "ProbeHead", "ProbeResult", "probe_head", "train_probes", "train_probe", "train_one_probe",
+           "checked_seeds", "probe_accuracy",
+           "head_weights", "LowShot", "low_shot_indices", "low_shot_accuracy", "summarise", "fmt"]
 
 
 # ----------------------------------------------------------------------------- the recipe and the probe head
@@ -55,7 +59,7 @@ class ProbeRecipe:
 
     def __post_init__(self) -> None:
         """Refuse a recipe that would train nothing, diverge on purpose or report an untrained head."""
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer not in ("lars", "adamw"):
             raise SelaggError(f"Unknown optimizer {self.optimizer!r}; choose 'lars' (MAE's protocol) or 'adamw'.")
         whole_number(self.epochs, "epochs", 1, "a probe must train for at least one epoch (MAE's protocol uses 90)")
         real_number(self.warmup_epochs, "warmup_epochs", 0, "use 0 for no warm-up (MAE's protocol uses 10)")
@@ -98,63 +102,6 @@ class ProbeHead(nn.Module):
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (B, classes); `keep` marks the tokens the head may pool (see `aggregation`)."""
         return self.linear(self.bn(self.pool(tokens, keep)[0]))
-
-
-
-def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-              recipe: ProbeRecipe, seed: int | list[int] = 0, progress: bool = False,
-              backward_of: Callable[[torch.Tensor], float] | None = None) -> list[float]:
-    """Train the stack; `tokens_of(indices)` gives the tokens of a batch; returns the mean loss per step.
-
-    `seed` (one per group) seeds each group's batch order; every group trains the recipe's learning
-    rates, scaled by batch / 256. `backward_of(indices)`, when given, replaces the forward and
-    backward pass of a batch (indices (S, B) into `labels`) and returns its mean loss per copy;
-    `ddp_probing` passes one that spans processes.
-    """
-    seeds = [seed] * stack.groups if isinstance(seed, int) else list(seed)
-    n = len(labels)
-    bs = min(recipe.batch_size, n)
-    per_epoch = n // bs
-    total = max(recipe.epochs * per_epoch, recipe.min_steps)
-    warmup = round(total * recipe.warmup_epochs / recipe.epochs) if recipe.epochs else 0
-    lrs = recipe.scaled_lrs(bs) * stack.groups
-    optimizer = make_optimizer(stack, recipe, lrs)
-    schedule = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup, warmup_prefix=True,
-                                 t_in_epochs=False)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    backward_of = backward_of or cross_entropy_backward(stack, tokens_of, labels, bs)
-    stack.train()
-    losses: list[float] = []
-    bar = progress_bar(total=total, enabled=progress, desc="training probes", leave=False)
-    while len(losses) < total:
-        orders = torch.stack([torch.randperm(n, generator=g) for g in generators])
-        for i in range(per_epoch):
-            if len(losses) == total:
-                break
-            idx = orders[:, i * bs:(i + 1) * bs]  # (S, B)
-            schedule.step_update(len(losses))
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(backward_of(idx))
-            optimizer.step()
-            bar.update()
-    bar.close()
-    return losses
-
-
-def cross_entropy_backward(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tensor],
-                           labels: torch.Tensor, bs: int) -> Callable[[torch.Tensor], float]:
-    """The forward and backward pass of one batch of indices (S, B) in one process; returns the mean loss per copy."""
-    per_group = len(stack.heads) // stack.groups
-
-    def backward_of(idx: torch.Tensor) -> float:
-        logits = stack(tokens_of(idx[0] if stack.groups == 1 else idx))
-        y = labels[idx].to(logits.device).repeat_interleave(per_group, dim=0)  # (K, B)
-        # classes in the middle, (K, classes, B): on a CPU, cross-entropy over a dimension with a
-        # long inner one runs about twice as fast as over the last dimension of (K * B, classes)
-        loss = F.cross_entropy(logits.transpose(1, 2).contiguous(), y, reduction="sum") / bs
-        loss.backward()
-        return loss.item() / len(stack.heads)
-    return backward_of
 
 
 @dataclass
@@ -217,20 +164,59 @@ def train_probes(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet 
     num_classes = max(train.num_classes, val.num_classes)
     k = len(recipe.lrs)
     heads = [probe_head(head_name, train, num_classes, s, **head_kwargs) for s in seeds for _ in range(k)]
-    stack = ProbeStack(heads, groups=len(seeds)).to(device)
-    losses = fit_stack(stack, training_source(stack, train, device), train.labels, recipe, list(seeds))
-    stack.reading_pooled(False)  # scored on tokens from here on
-    val_acc = stack_accuracy(stack, val.tokens.to(device), val.labels)
-    diverged = diverged_copies(stack)
+    from .sweep.loop import sweep_copies  # the fast path: train_one_probe's loop for every copy at once
+
+    val_acc, diverged, losses = sweep_copies(heads, train, val, recipe, seeds, device)
     results = []
     for g, seed in enumerate(seeds):
         acc = usable_accuracies(val_acc[g * k:(g + 1) * k], diverged[g * k:(g + 1) * k], recipe.lrs, head_name, seed)
         best = int(np.nanargmax(acc))  # first best: the smallest such lr
-        head = stack.heads[g * k + best].cpu().eval()
+        head = heads[g * k + best].cpu().eval()
         test_acc = probe_accuracy(head, test) if test is not None else None
         results.append(ProbeResult(head_name, list(recipe.lrs), acc, recipe.lrs[best], acc[best], test_acc, head,
                                    seed, losses))
     return results
+
+
+# ----------------------------------------------------------------------------- the reference loop
+def train_one_probe(head: ProbeHead, train: TokenSet, recipe: ProbeRecipe, lr: float, seed: int = 0) -> list[float]:
+    """Train one probe head at one base learning rate on cached tokens; returns the loss of every step.
+
+    The plain loop behind `train_probes`, which runs it for every learning rate and seed at once
+    (`sweep.loop.fit_stack`): the same batches, schedule, loss and optimizer arithmetic.
+    """
+    n, bs = len(train), min(recipe.batch_size, len(train))
+    total = max(recipe.epochs * (n // bs), recipe.min_steps)
+    warmup = round(total * recipe.warmup_epochs / recipe.epochs)
+    optimizer = probe_optimizer(head, recipe, lr * bs / 256)  # MAE scales the lr by batch / 256
+    schedule = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup,
+                                 warmup_prefix=True, t_in_epochs=False)
+    batch_order = torch.Generator().manual_seed(seed)
+    head.train()
+    losses: list[float] = []
+    while len(losses) < total:
+        order = torch.randperm(n, generator=batch_order)  # a new shuffle every epoch
+        for i in range(n // bs):
+            if len(losses) == total:
+                break
+            idx = order[i * bs:(i + 1) * bs]
+            schedule.step_update(len(losses))  # linear warm-up, then cosine
+            loss = F.cross_entropy(head(train.tokens[idx].float()), train.labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return losses
+
+
+def probe_optimizer(head: ProbeHead, recipe: ProbeRecipe, lr: float) -> torch.optim.Optimizer:
+    """LARS (MAE's probe) or AdamW; weight decay and LARS's adaptation for matrices only, not vectors."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    matrices = {"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay}
+    vectors = {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}
+    if recipe.optimizer == "lars":
+        return Lars([{**matrices, "always_adapt": True}, vectors], lr=lr, momentum=recipe.momentum)
+    return torch.optim.AdamW([matrices, vectors], lr=lr)
 
 
 def checked_seeds(seeds) -> tuple[int, ...]:
@@ -294,19 +280,6 @@ def check_finite_tokens(tokens: TokenSet, split: str) -> None:
     for key in [key for key, (ref, _) in _FINITE_CHECKED.items() if ref() is None]:
         del _FINITE_CHECKED[key]
     _FINITE_CHECKED[id(t)] = (weakref.ref(t), version)
-
-
-def usable_accuracies(acc: list[float], diverged: list[bool], lrs: tuple[float, ...], head_name: str,
-                      seed: int) -> list[float]:
-    """Val accuracy per lr with NaN where the copy diverged (one line names them), or a SelaggError if all did."""
-    if all(diverged):
-        raise SelaggError(f"Every learning rate of the {head_name!r} probe with seed {seed} diverged (NaN or "
-                          f"infinite weights) at lrs={lrs}; no head was trained, so lower the learning rates.")
-    if any(diverged):
-        notice(f"{head_name!r} probe, seed {seed}: learning rate(s) "
-               f"{', '.join(f'{lr:g}' for lr, d in zip(lrs, diverged) if d)} diverged (NaN or infinite weights) "
-               "and were left out of the choice.")
-    return [float("nan") if d else a for a, d in zip(acc, diverged)]
 
 
 def train_probe(head_name: str, train: TokenSet, val: TokenSet, test: TokenSet | None = None,
@@ -398,3 +371,16 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     """'mean ± std' in percent."""
     m, s = summarise(values)
     return f"{scale * m:.1f} ± {scale * s:.1f}"
+
+
+def usable_accuracies(acc: list[float], diverged: list[bool], lrs: tuple[float, ...], head_name: str,
+                      seed: int) -> list[float]:
+    """Val accuracy per lr with NaN where the copy diverged (one line names them), or a SelaggError if all did."""
+    if all(diverged):
+        raise SelaggError(f"Every learning rate of the {head_name!r} probe with seed {seed} diverged (NaN or "
+                          f"infinite weights) at lrs={lrs}; no head was trained, so lower the learning rates.")
+    if any(diverged):
+        notice(f"{head_name!r} probe, seed {seed}: learning rate(s) "
+               f"{', '.join(f'{lr:g}' for lr, d in zip(lrs, diverged) if d)} diverged (NaN or infinite weights) "
+               "and were left out of the choice.")
+    return [float("nan") if d else a for a, d in zip(acc, diverged)]

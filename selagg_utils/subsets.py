@@ -5,10 +5,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import SelaggError
+from .checks import SelaggError
 
-__all__ = ["SPLITS", "check_split", "labels_of", "class_quotas", "stratified_positions", "subset_of_base",
-           "stratified_subset", "example_indices", "CARVE_STREAM"]
+__all__ = ["SPLITS", "example_indices"]
 
 SPLITS = ("train", "val", "test")
 
@@ -17,7 +16,6 @@ def check_split(split: str) -> None:
     """Raise a SelaggError unless `split` is one of SPLITS."""
     if split not in SPLITS:
         raise SelaggError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
-
 
 
 # Each seeded draw has its own random stream, so that changing one never changes another.

@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from .errors import SelaggError
+from .checks import SelaggError
 
-__all__ = ["DATA_CONFIG_KEYS", "default_data_config", "model_data_config", "resolved_data_config", "eval_transform",
-           "normalization", "displayable"]
+__all__ = ["displayable"]
 
 
 #: The keys of the dict `timm.data.resolve_model_data_config(model)` returns (crop_mode is optional).

@@ -1,78 +1,23 @@
 """Figures for the book, and `show_source` to display package code inside a notebook."""
 from __future__ import annotations
 
-import base64
 import html
 import inspect
-import io
 import textwrap
-from typing import NamedTuple
 
-import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .errors import SelaggError
-from .static_views import attention_explorer_html, displayable
+from .checks import SelaggError
 
-__all__ = ["show_source", "image_grid", "outline_mask", "displayable", "overlay_attention", "attention_grid",
-           "block_curves", "STATISTIC_LABELS", "statistic_label", "statistics_figure",
-           "attention_explorer_figure", "figure_png", "attention_explorer", "attention_explorer_html", "PictureBox",
-           "grid_heatmaps", "weight_rows", "Table", "markdown_table", "statistics_table", "glue", "show_table",
-           "COLUMN_PX", "MIN_TEXT_PX", "SmallestText", "smallest_text_px"]
+__all__ = ["show_source", "diagram", "image_grid", "outline_mask", "attention_grid", "statistic_label",
+           "statistics_figure", "attention_explorer_figure", "attention_explorer", "grid_heatmaps",
+           "weight_rows", "statistics_table", "glue", "show_table", "displayable"]
 
 #: The width in CSS pixels of the page's column for a cell's output at a 1280 px window (measured in
 #: Chromium): a wider picture is shrunk to it, and its text with it.
 COLUMN_PX = 676
-#: The smallest text a figure may show, in pixels as displayed on the page.
-MIN_TEXT_PX = 9.0
-
-
-class SmallestText(NamedTuple):
-    """The smallest visible text of a figure: its size in displayed pixels, and the text itself."""
-
-    px: float
-    text: str
-
-
-def _visible_texts(artist):
-    """Every visible, non-empty Text below an artist (tick labels only of drawn ticks, no axis of a hidden axes)."""
-    from matplotlib.axes import Axes
-    from matplotlib.axis import Axis
-    from matplotlib.text import Text
-
-    if not artist.get_visible():
-        return
-    if isinstance(artist, Text):
-        if artist.get_text().strip():
-            yield artist
-        return
-    if isinstance(artist, Axis):
-        children = [artist.label, artist.offsetText, *artist.get_majorticklabels(), *artist.get_minorticklabels()]
-    else:
-        children = artist.get_children()
-    if isinstance(artist, Axes) and not artist.axison:
-        children = [c for c in children if not isinstance(c, Axis)]
-    for child in children:
-        yield from _visible_texts(child)
-
-
-def smallest_text_px(fig: plt.Figure, column_px: float = COLUMN_PX, dpi: float | None = None) -> SmallestText:
-    """The smallest visible text of `fig` in pixels as the page displays it, and that text.
-
-    A font of s points is s × dpi / 72 pixels in the picture; the picture is saved with
-    bbox_inches="tight" (as Jupyter's inline backend and `figure_png` do), and a picture wider than
-    the column is shrunk to `column_px`. `dpi` is the one the picture is saved at (the figure's own
-    by default). A figure without text gives (inf, "").
-    """
-    dpi = fig.dpi if dpi is None else float(dpi)
-    fig.draw_without_rendering()  # lays out ticks and texts as saving would
-    box = fig.get_tightbbox(fig._get_renderer())
-    width_px = (box.width + 2 * plt.rcParams["savefig.pad_inches"]) * dpi
-    scale = float(min(1.0, column_px / width_px))
-    texts = [(float(t.get_fontsize()) * dpi / 72 * scale, t.get_text()) for t in _visible_texts(fig)]
-    return SmallestText(*min(texts, key=lambda pair: pair[0])) if texts else SmallestText(float("inf"), "")
 
 
 def show_source(obj) -> None:
@@ -85,6 +30,14 @@ def show_source(obj) -> None:
         display(Code(code, language="python"))
     except ImportError:  # outside IPython
         print(code)
+
+
+def diagram(name: str, **options) -> plt.Figure:
+    """One of the book's drawings, by name (`pages.diagrams`: vit_tokens, mae, joint_embedding,
+    attention_blocks, abmilp_head, paper_vs_lab), drawn by code in one colour per kind of token."""
+    from .pages import diagrams
+
+    return getattr(diagrams, name)(**options)
 
 
 def image_grid(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8, size: float = 1.4,
@@ -231,57 +184,15 @@ def attention_explorer_figure(images: torch.Tensor, maps, image: int = 0, block:
     return fig
 
 
-def figure_png(fig: plt.Figure, dpi: int = 100) -> bytes:
-    """The figure as PNG bytes; the figure is closed, so a notebook does not also show it."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def attention_explorer(images: torch.Tensor, maps):
     """An ipywidgets explorer of `AttentionMaps`: pick the image, block, head and query token.
 
-    Its picture is an image widget redrawn on every change. Without a kernel (the rendered book, a
-    viewer without widgets) it shows as `attention_explorer_html`: precomputed views and sliders.
+    Its picture is `attention_explorer_figure`, redrawn on every change (`pages.explorer`); without
+    a kernel (the rendered book, a viewer without widgets) it shows precomputed views and sliders.
     """
-    blocks, n_images, heads = maps.probs.shape[:3]
-    queries = list(maps.layout.prefix_names) + [(r, c) for r in range(maps.layout.grid_size[0])
-                                                 for c in range(maps.layout.grid_size[1])]
-    controls = {"image": widgets.IntSlider(0, 0, n_images - 1, description="image"),
-                "block": widgets.IntSlider(blocks, 1, blocks, description="block"),
-                "head": widgets.Dropdown(options=["mean", *range(1, heads + 1)], description="head"),
-                "query": widgets.Dropdown(options=[(str(q), q) for q in queries], description="query")}
-    picture = widgets.Image(format="png")
+    from .pages.explorer import explorer_widget
 
-    def redraw(_=None) -> None:
-        c = {name: control.value for name, control in controls.items()}
-        picture.value = figure_png(attention_explorer_figure(images, maps, c["image"], c["block"] - 1,
-                                                             None if c["head"] == "mean" else c["head"] - 1,
-                                                             c["query"]))
-
-    for control in controls.values():
-        control.observe(redraw, "value")
-    redraw()
-    return PictureBox([widgets.HBox(list(controls.values())[:2]), widgets.HBox(list(controls.values())[2:]),
-                        picture], picture, attention_explorer_html(images, maps))
-
-
-class PictureBox(widgets.VBox):
-    """A VBox that also offers static views: HTML (`static_html`, if given) and its picture (image/png)."""
-
-    def __init__(self, children: list, picture: widgets.Image, static_html: str = ""):
-        super().__init__(children)
-        self.picture = picture
-        self.static_html = static_html
-
-    def _repr_mimebundle_(self, **kwargs) -> dict:
-        bundle = super()._repr_mimebundle_(**kwargs)
-        bundle["image/png"] = base64.b64encode(bytes(self.picture.value)).decode("ascii")
-        if self.static_html:
-            bundle["text/html"] = self.static_html
-        bundle["text/plain"] = "An interactive explorer: run the chapter in Jupyter or Colab to use its controls."
-        return bundle
+    return explorer_widget(images, maps, attention_explorer_figure, [displayable(i) for i in images[:4]])
 
 
 def grid_heatmaps(maps: dict[str, torch.Tensor], title: str, label: str, vmin: float | None = None,
@@ -405,3 +316,15 @@ def show_table(header: list[str] | Table, rows: list[list] | None = None) -> Non
         print(table)
         return
     (display if get_ipython() is not None else print)(table)
+
+
+def displayable(image: torch.Tensor) -> np.ndarray:
+    """An image tensor (C, H, W) in [0, 1] as an array imshow can draw: (H, W) gray or (H, W, 3), clamped.
+
+    Normalised model inputs must be de-normalised first (`transforms.displayable`); stretching each image
+    to its own minimum and maximum would change its colours and contrast.
+    """
+    img = image.detach().float().cpu().clamp(0, 1)
+    if img.ndim == 3 and img.shape[0] == 1:
+        return img[0].numpy()
+    return (img.permute(1, 2, 0) if img.ndim == 3 else img).numpy()

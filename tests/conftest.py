@@ -39,7 +39,7 @@ def small_vit():
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty feature cache folder, set as $SELAGG_CACHE."""
-    from selagg_utils.cache_keys import CACHE_ENV
+    from selagg_utils.cache.keys import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"

@@ -6,12 +6,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selagg_utils import SelaggError
-from selagg_utils import aggregation
-from selagg_utils.aggregation import (HEAD_KINDS, HEADS, AbMILP, ScorerOptions, check_keep, describe_heads,
-                                      localisation_score, make_head, patch_weights, uniform_localisation)
-from selagg_utils.softmax import masked_softmax, negligible_grad_dropped
+from selagg_utils import SelaggError, heads
 from selagg_utils.features import TokenSet
+from selagg_utils.heads import (
+    HEAD_KINDS,
+    HEADS,
+    AbMILP,
+    ScorerOptions,
+    check_keep,
+    describe_heads,
+    localisation_score,
+    make_head,
+    masked_softmax,
+    negligible_grad_dropped,
+    patch_weights,
+    uniform_localisation,
+)
 from selagg_utils.models import TokenLayout, tiny_vit, token_layout
 from selagg_utils.probing import head_inputs
 
@@ -123,11 +133,11 @@ def test_make_head_builds_what_the_registry_says(name):
         scorer = asked.pop("scorer", ScorerOptions())
         asked.update({f.name: getattr(scorer, f.name) for f in fields(scorer) if getattr(scorer, f.name) != f.default})
         assert {k: built[k] for k in asked} == asked
-    assert f"- {name}: {kind.cls.__name__}" in describe_heads() and f"- {name}: " in aggregation.__doc__
+    assert f"- {name}: {kind.cls.__name__}" in describe_heads() and f"- {name}: " in heads.__doc__
 
 
 def test_a_head_added_to_the_registry_is_built_listed_and_offered_by_the_errors(monkeypatch):
-    monkeypatch.setitem(HEAD_KINDS, "abmilp-deep", aggregation.HeadKind(AbMILP, dict(scorer=ScorerOptions(depth=3)),
+    monkeypatch.setitem(HEAD_KINDS, "abmilp-deep", heads.HeadKind(AbMILP, dict(scorer=ScorerOptions(depth=3)),
                                                                     "three hidden layers"))
     assert len(make_head("abmilp-deep", D).body) == 6
     assert "- abmilp-deep: AbMILP(scorer=ScorerOptions(depth=3)): three hidden layers" in describe_heads()

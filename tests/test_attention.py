@@ -327,7 +327,7 @@ def test_error_for_a_dataset_instead_of_a_loader_and_for_unbatched_images():
 
 def test_default_autocast_follows_the_devices_native_half_precision(monkeypatch):
     """A T4 only emulates bfloat16: the statistics' default autocast must pick float16 there."""
-    from selagg_utils.devices import autocast
+    from selagg_utils.config import autocast
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert autocast(torch.device("cuda"), None).fast_dtype == torch.float16

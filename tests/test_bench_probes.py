@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selagg_utils import SelaggError, bench_probes
-from selagg_utils.bench import MeasureOptions
+from selagg_utils import SelaggError
+from selagg_utils.bench import probe_rows
+from selagg_utils.bench.rows import MeasureOptions
 
 CPU = torch.device("cpu")
 
@@ -15,53 +16,53 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, small
 
 def test_probes_of_each_kind_give_logits(small_vit):
     tokens = torch.randn(3, 65, 128)
-    for kind in bench_probes.PROBE_KINDS:
-        bank, _ = bench_probes.probe_bank(kind, small_vit, 10, [0.1, 0.01])
-        assert [probe(tokens).shape for probe in bench_probes.bank_members(bank)] == [(3, 10)] * 2
-    assert type(bench_probes.bank_members(bench_probes.probe_bank("linear", small_vit, 10, [0.1])[0])[0].pool)\
+    for kind in probe_rows.PROBE_KINDS:
+        bank, _ = probe_rows.probe_bank(kind, small_vit, 10, [0.1, 0.01])
+        assert [probe(tokens).shape for probe in probe_rows.bank_members(bank)] == [(3, 10)] * 2
+    assert type(probe_rows.bank_members(probe_rows.probe_bank("linear", small_vit, 10, [0.1])[0])[0].pool)\
         .__name__ == "ClsPool"
     with pytest.raises(SelaggError, match="Unknown probe 'transformer'; choose one of linear"):
-        bench_probes.probe_kind_head("transformer")
+        probe_rows.probe_kind_head("transformer")
 
 
 def test_bad_step_counts_are_refused(small_vit):
     with pytest.raises(SelaggError, match="steps"):
-        bench_probes.probe_data(small_vit, 4, 0, CPU)
+        probe_rows.probe_data(small_vit, 4, 0, CPU)
 
 
 def test_tokens_in_memory_are_the_backbones_tokens_in_the_runs_precision(small_vit):
-    data = bench_probes.probe_data(small_vit, 4, 2, CPU)
+    data = probe_rows.probe_data(small_vit, 4, 2, CPU)
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        tokens = bench_probes.tokens_in_memory(small_vit, data.images, precision)
+        tokens = probe_rows.tokens_in_memory(small_vit, data.images, precision)
         assert tokens.shape == (8, 65, 128) and tokens.dtype == dtype
     expected = torch.cat([small_vit.forward_features(x) for x in data.images])
-    torch.testing.assert_close(bench_probes.tokens_in_memory(small_vit, data.images, "fp32"), expected)
+    torch.testing.assert_close(probe_rows.tokens_in_memory(small_vit, data.images, "fp32"), expected)
 
 
 def test_one_pass_over_many_lrs_equals_separate_runs(small_vit):
-    lrs = bench_probes.learning_rates(3)
+    lrs = probe_rows.learning_rates(3)
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1.0)
     torch.manual_seed(0)
-    bank, opt = bench_probes.probe_bank("abmilp", small_vit, 10, lrs)
+    bank, opt = probe_rows.probe_bank("abmilp", small_vit, 10, lrs)
     assert sorted({g["lr"] for g in opt.param_groups}) == sorted(lrs)
     singles = []
-    for probe, lr in zip(bench_probes.bank_members(bank), lrs):
-        one, one_opt = bench_probes.probe_bank("abmilp", small_vit, 10, [lr])
-        bench_probes.bank_members(one)[0].load_state_dict(probe.state_dict())
+    for probe, lr in zip(probe_rows.bank_members(bank), lrs):
+        one, one_opt = probe_rows.probe_bank("abmilp", small_vit, 10, [lr])
+        probe_rows.bank_members(one)[0].load_state_dict(probe.state_dict())
         singles.append((one, one_opt))
     tokens, labels = torch.randn(8, 65, 128), torch.randint(0, 10, (8,))
     for _ in range(2):
-        bench_probes.train_step_fn(bank, opt, "fp32")(tokens, labels)
+        probe_rows.train_step_fn(bank, opt, "fp32")(tokens, labels)
         for one, one_opt in singles:
-            bench_probes.train_step_fn(one, one_opt, "fp32")(tokens, labels)
-    for probe, (one, _) in zip(bench_probes.bank_members(bank), singles):
-        for a, b in zip(probe.parameters(), bench_probes.bank_members(one)[0].parameters()):
+            probe_rows.train_step_fn(one, one_opt, "fp32")(tokens, labels)
+    for probe, (one, _) in zip(probe_rows.bank_members(bank), singles):
+        for a, b in zip(probe.parameters(), probe_rows.bank_members(one)[0].parameters()):
             torch.testing.assert_close(a, b)
 
 
 def test_probe_ladder_caches_and_compares(small_vit):
-    data = bench_probes.probe_data(small_vit, 8, 2, CPU)
-    rows = bench_probes.probe_ladder(small_vit, data, MeasureOptions(repeats=2), n_lrs=2)
+    data = probe_rows.probe_data(small_vit, 8, 2, CPU)
+    rows = probe_rows.probe_ladder(small_vit, data, MeasureOptions(repeats=2), n_lrs=2)
     by_step = {r.step: r for r in rows}
     assert all(r.ok for r in rows)
     assert list(by_step) == ["cache tokens (once)", "online epoch, linear", "cached epoch, linear",

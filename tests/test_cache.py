@@ -10,9 +10,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selagg_utils import SelaggError, cache_keys, token_store
+from selagg_utils import SelaggError
 from selagg_utils import features as feat
-from selagg_utils.checkpoints import host_tag
+from selagg_utils.cache import entries as cache_entries
+from selagg_utils.cache import keys as cache_keys
+from selagg_utils.cache import store as token_store
+from selagg_utils.cache.files import host_tag
 from selagg_utils.data import ClutteredDigits, load_dataset
 from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import load_backbone
@@ -31,7 +34,7 @@ def model():
 
 
 def no_extraction(monkeypatch):
-    monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("extracted although it should not"))
+    monkeypatch.setattr(cache_entries, "extract_blocks", lambda *a, **k: pytest.fail("extracted although it should not"))
 
 
 # ----------------------------------------------------------------------------- identity
@@ -258,7 +261,7 @@ def test_empty_datasets_and_bad_batch_sizes_are_refused(cache, data):
 def test_an_image_folder_is_keyed_by_its_files(tmp_path):
     from PIL import Image
 
-    from selagg_utils.data import image_folder
+    from selagg_utils.imagenette.folders import image_folder
 
     for cls in ("a", "b"):
         (tmp_path / "val" / cls).mkdir(parents=True)

@@ -16,9 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from selagg_utils import SelaggError, cache_keys, extraction, token_store
+from selagg_utils import SelaggError, extraction
 from selagg_utils import features as feat
-from selagg_utils.checks import tensors_digest
+from selagg_utils.cache import entries as cache_entries
+from selagg_utils.cache import keys as cache_keys
+from selagg_utils.cache import store as token_store
+from selagg_utils.cache.files import tensors_digest
 from selagg_utils.data import cluttered_digits
 from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import TokenLayout, load_backbone, tiny_vit
@@ -99,7 +102,7 @@ def test_save_entry_writes_the_same_file_as_a_streamed_extraction(cache, data):
     ts = feat.cached_tokens("tiny-mae", data, options=ExtractOptions(batch_size=16, progress=False))
     path = cache_keys.entry_path(ts.key)
     copy = cache / "copy.safetensors"
-    feat.save_entry(copy, feat.TokenSet(ts.tokens.clone(), ts.labels.clone(), ts.layout, ts.key))
+    cache_entries.save_entry(copy, feat.TokenSet(ts.tokens.clone(), ts.labels.clone(), ts.layout, ts.key))
     assert copy.read_bytes() == path.read_bytes()
 
 
@@ -179,8 +182,8 @@ def test_mean_patches_in_chunks_equals_the_direct_mean(data, model, monkeypatch)
         tokens = model.forward_features(data.images).half()
     ts = feat.TokenSet(tokens, data.labels, TokenLayout(True, 0, (8, 8)))
     direct = tokens[:, 1:].float().mean(1)
-    monkeypatch.setattr(feat, "CHUNK_BYTES", 5 * 64 * 128 * 4)  # 5 images a chunk: 13 chunks, the last short
-    assert feat.images_per_chunk(ts.patches) == 5
+    monkeypatch.setattr(extraction, "CHUNK_BYTES", 5 * 64 * 128 * 4)  # 5 images a chunk: 13 chunks, the last short
+    assert extraction.images_per_chunk(ts.patches) == 5
     assert torch.equal(ts.mean_patches, direct)
 
 
@@ -231,8 +234,8 @@ def test_pooled_features_of_a_model_with_registers_and_no_cls(cache, data):
 
 def test_pooling_keeps_no_tokens_of_earlier_batches(cache, data, monkeypatch):
     kept = []
-    real = extraction.pooled_rows
-    monkeypatch.setattr(extraction, "pooled_rows", lambda tokens, *a: kept.append(tokens.shape) or real(tokens, *a))
+    real = cache_entries.pooled_rows
+    monkeypatch.setattr(cache_entries, "pooled_rows", lambda tokens, *a: kept.append(tokens.shape) or real(tokens, *a))
     feat.pooled_features("tiny-mae", data, options=ExtractOptions(batch_size=16, progress=False))
     assert kept == [(16, 65, 128)] * 4  # one batch of tokens at a time, pooled as it comes
 
@@ -294,7 +297,9 @@ CHILD = """
 import os, sys, time
 from pathlib import Path
 import torch
-from selagg_utils import cache_keys, extraction, token_store
+from selagg_utils import extraction
+from selagg_utils.cache import keys as cache_keys
+from selagg_utils.cache import store as token_store
 from selagg_utils import features as feat
 blob = torch.load(os.environ["DATA"])
 data = torch.utils.data.TensorDataset(blob["images"], blob["labels"])
@@ -387,9 +392,9 @@ def test_entries_are_written_and_read_where_the_os_has_no_pread(tmp_path, monkey
     """Windows has no os.pread/os.pwrite: the seek-and-read fallback must write and read the same entry."""
     import os
 
-    from selagg_utils import digits, features
+    from selagg_utils import data, features
 
-    ds = digits.cluttered_digits("val", n_images=40)
+    ds = data.cluttered_digits("val", n_images=40)
     with_p = features.cached_tokens("tiny-random", ds, options=ExtractOptions(batch_size=16, progress=False),
                                     directory=tmp_path / "a")
     monkeypatch.delattr(os, "pread")

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from selagg_utils import SelaggError
-from selagg_utils.checkpoints import load_checkpoint, manifest_path, save_checkpoint
-from selagg_utils.models import TINY_CONFIG, TINY_NAMES, load_backbone, model_from_checkpoint, tiny_vit
+from selagg_utils.checks import manifest_path
+from selagg_utils.config import TINY_NAMES
+from selagg_utils.models import TINY_CONFIG, load_backbone, load_checkpoint, model_from_checkpoint, tiny_vit
+from selagg_utils.weights.files import save_checkpoint
 
 
 def _save_tiny(path, **config):

@@ -4,9 +4,15 @@ import pytest
 import torch
 
 from selagg_utils import SelaggError
-from selagg_utils.data import load_dataset
-from selagg_utils.digits import (DigitsRecipe, DigitStream, _upscaled_sources, cluttered_digits,
-                                 render_cluttered_digits, source_indices)
+from selagg_utils.data import (
+    DigitsRecipe,
+    DigitStream,
+    _upscaled_sources,
+    cluttered_digits,
+    load_dataset,
+    render_cluttered_digits,
+    source_indices,
+)
 
 
 def test_same_seed_same_images_and_other_seed_differs():

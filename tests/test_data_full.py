@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from selagg_utils import SelaggError, data, network, transforms
-from selagg_utils import imagenette as imagenette_files
-from selagg_utils.data import DATASETS, REGISTRY, available_datasets, load_dataset
-from selagg_utils.digits import cluttered_digits
-from selagg_utils.imagenette import image_folder, imagenette
+from selagg_utils import SelaggError, data, transforms
+from selagg_utils.data import DATASETS, REGISTRY, available_datasets, cluttered_digits, load_dataset
+from selagg_utils.imagenette import folders as imagenette_files
+from selagg_utils.imagenette.folders import image_folder, imagenette
+from selagg_utils.scaleout.rehearsal import fake_imagenette
 from selagg_utils.subsets import class_quotas, example_indices, labels_of, stratified_positions, stratified_subset
 from selagg_utils.transforms import displayable, model_data_config, normalization
-from selagg_utils.rehearsal import fake_imagenette
+from selagg_utils.weights import network
 
 
 def make_folder(root, parts: dict, size=(40, 30)):

@@ -15,12 +15,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from selagg_utils import SelaggError, distributed
-from selagg_utils.ddp_probing import ProbeProblem, bench_probe_epoch, local_rows_of_batch, train_probes_distributed
-from selagg_utils.distributed import ProcessInfo, current_process, process_group
+from selagg_utils import SelaggError
+from selagg_utils.config import ProcessInfo, current_process
 from selagg_utils.features import TokenSet
 from selagg_utils.models import TokenLayout
 from selagg_utils.probing import ProbeRecipe, train_probes
+from selagg_utils.scaleout import distributed
+from selagg_utils.scaleout.ddp_probing import (
+    ProbeProblem,
+    bench_probe_epoch,
+    local_rows_of_batch,
+    train_probes_distributed,
+)
+from selagg_utils.scaleout.distributed import process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 D, C, T = 16, 3, 17
@@ -262,8 +269,8 @@ def test_the_script_under_torchrun_reads_token_stores(tmp_path):
     """Two processes on stores of 4 shards each (rank 1 holding fewer images) write what one process trains."""
     if not (ROOT / "selagg_utils" / "shards.py").exists():  # not an installed copy found elsewhere
         pytest.skip("the token store (selagg_utils/shards.py) is not in this tree")
-    from selagg_utils import shards
     from selagg_utils.data import load_dataset
+    from selagg_utils.scaleout import shards
 
     stores = {}
     for split, n in (("train", 60), ("val", 30)):

@@ -2,14 +2,15 @@
 import matplotlib
 
 matplotlib.use("Agg")
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.patches import Patch
 from matplotlib.text import Text
-from pathlib import Path
 
-from selagg_utils import diagrams
+from selagg_utils.pages import diagrams, figure_text
 
 # Words each diagram must show: the parts of the idea it draws.
 LABELS = {
@@ -81,7 +82,7 @@ def diagram_cells() -> list[tuple[str, dict, str]]:
     for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb")):
         for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
             source = "".join(cell["source"])
-            if cell["cell_type"] == "code" and any(f"diagrams.{name}(" in source for name in diagrams.ALL):
+            if cell["cell_type"] == "code" and any(f"viz.diagram(\"{name}\"" in source for name in diagrams.ALL):
                 found.append((path.stem, cell["metadata"], source))
     return found
 
@@ -89,7 +90,7 @@ def diagram_cells() -> list[tuple[str, dict, str]]:
 def test_every_diagram_is_placed_with_alt_text_and_a_caption():
     drawn = set()
     for chapter, meta, source in diagram_cells():
-        drawn |= {name for name in diagrams.ALL if f"diagrams.{name}(" in source}
+        drawn |= {name for name in diagrams.ALL if f"viz.diagram(\"{name}\"" in source}
         assert "remove-input" in meta.get("tags", []), f"{chapter}: a diagram cell shows its code in the book"
         options = meta.get("mystnb", {})
         assert len(options.get("image", {}).get("alt", "")) > 40, f"{chapter}: a diagram without alt text"
@@ -99,19 +100,17 @@ def test_every_diagram_is_placed_with_alt_text_and_a_caption():
 
 @pytest.mark.parametrize("name", sorted(diagrams.ALL))
 def test_each_diagram_text_is_legible_on_the_page(name):
-    from selagg_utils import viz  # the book's figure style, as in the chapters, which import viz
 
     fig = diagrams.ALL[name]()
     try:
-        px, text = viz.smallest_text_px(fig)
-        assert px >= viz.MIN_TEXT_PX, (f"{name}: {text!r} shows at {px:.1f} px on the page (at least "
-                                       f"{viz.MIN_TEXT_PX} px): a larger font, or a narrower figure")
+        px, text = figure_text.smallest_text_px(fig)
+        assert px >= figure_text.MIN_TEXT_PX, (f"{name}: {text!r} shows at {px:.1f} px on the page (at least "
+                                       f"{figure_text.MIN_TEXT_PX} px): a larger font, or a narrower figure")
     finally:
         plt.close(fig)
 
 
 def test_headline_chart_shows_the_numbers_the_book_quotes():
-    from selagg_utils import viz
 
     fig = diagrams.headline_chart()
     try:
@@ -120,8 +119,8 @@ def test_headline_chart_shows_the_numbers_the_book_quotes():
             assert f"{value:.1f} %" in shown, f"the headline chart lacks {value}"
         assert "joint-embedding" in shown and fig.axes[0].get_title()
         assert ink(fig) > 0.05
-        px, text = viz.smallest_text_px(fig, dpi=100)  # saved at dpi 100 by book/_ext/headline_figure.py
-        assert px >= viz.MIN_TEXT_PX, f"the headline chart's {text!r} shows at {px:.1f} px on the page"
+        px, text = figure_text.smallest_text_px(fig, dpi=100)  # saved at dpi 100 by book/_ext/headline_figure.py
+        assert px >= figure_text.MIN_TEXT_PX, f"the headline chart's {text!r} shows at {px:.1f} px on the page"
     finally:
         plt.close(fig)
     intro = (Path(__file__).resolve().parents[1] / "book" / "intro.md").read_text(encoding="utf-8")
@@ -131,7 +130,6 @@ def test_headline_chart_shows_the_numbers_the_book_quotes():
 
 
 def test_paper_vs_lab_puts_the_papers_numbers_first_and_the_labs_after():
-    from selagg_utils import viz
 
     fig = diagrams.paper_vs_lab({"the lab:\ntiny-mae": (0.513, 0.709)}, "paper and lab")
     try:
@@ -140,7 +138,7 @@ def test_paper_vs_lab_puts_the_papers_numbers_first_and_the_labs_after():
         shown = texts(fig)
         for value in (*diagrams.PAPER_HEADLINE.values(), 51.3, 70.9):
             assert f"{value:.1f}" in shown, f"the chart lacks {value}"
-        px, text = viz.smallest_text_px(fig)
-        assert px >= viz.MIN_TEXT_PX, f"{text!r} shows at {px:.1f} px on the page"
+        px, text = figure_text.smallest_text_px(fig)
+        assert px >= figure_text.MIN_TEXT_PX, f"{text!r} shows at {px:.1f} px on the page"
     finally:
         plt.close(fig)

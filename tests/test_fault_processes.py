@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from selagg_utils import cache_keys
 from selagg_utils import features as feat
+from selagg_utils.cache import entries as cache_entries
+from selagg_utils.cache import keys as cache_keys
 from selagg_utils.data import load_dataset
 from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import load_backbone
@@ -64,7 +65,7 @@ real_extract, extractions = extraction.extract_blocks, []
 def counted(*args, **kwargs):
     extractions.append(1)
     return real_extract(*args, **kwargs)
-feat.extract_blocks = counted
+cache_entries.extract_blocks = counted
 Path(os.environ["MARKERS"], f"ready-{os.getpid()}").touch()
 while not Path(os.environ["MARKERS"], "go").exists():
     time.sleep(0.01)
@@ -200,7 +201,7 @@ def test_three_processes_filling_one_entry_at_once(three_writers, expected, monk
     assert len({out[0] for out in outputs}) == 1  # every writer got the same tokens
     assert sorted(int(out[1]) for out in outputs) == [0, 0, 1]  # one extracted, two waited and loaded
     monkeypatch.setenv(cache_keys.CACHE_ENV, str(cache))
-    monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("the entry was not usable"))
+    monkeypatch.setattr(cache_entries, "extract_blocks", lambda *a, **k: pytest.fail("the entry was not usable"))
     got = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert torch.equal(got.tokens, tokens)
     assert [p.name for p in cache.iterdir()] == [cache_keys.entry_path(got.key).name]  # no temporary file left
@@ -214,12 +215,11 @@ def test_the_same_seed_gives_bit_identical_probes_in_fresh_processes(three_write
 
 def test_an_entry_another_user_cannot_read_is_not_called_damaged():
     import os
+    import shutil
     import subprocess
     import sys
-    from pathlib import Path
-
-    import shutil
     import tempfile
+    from pathlib import Path
 
     folder = Path(tempfile.mkdtemp(prefix="selagg-shared-"))  # under /tmp: every user can reach it
     os.chmod(folder, 0o777)

@@ -6,13 +6,20 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from selagg_utils import SelaggError
-from selagg_utils.aggregation import MeanPool, ScorerOptions, make_head
 from selagg_utils.attention import attention_statistics
-from selagg_utils.checkpoints import load_checkpoint, save_checkpoint
 from selagg_utils.features import TokenSet
+from selagg_utils.heads import MeanPool, ScorerOptions, make_head
 from selagg_utils.linear_eval import knn_accuracy, logistic_probe_accuracy, ridge_accuracy
-from selagg_utils.models import TINY_CONFIG, TokenLayout, load_backbone, model_from_checkpoint, tiny_vit
+from selagg_utils.models import (
+    TINY_CONFIG,
+    TokenLayout,
+    load_backbone,
+    load_checkpoint,
+    model_from_checkpoint,
+    tiny_vit,
+)
 from selagg_utils.probing import ProbeRecipe, low_shot_indices, train_probe, train_probes
+from selagg_utils.weights.files import save_checkpoint
 
 
 def toy(n: int, seed: int) -> TokenSet:
@@ -150,7 +157,7 @@ def test_a_scorer_that_cannot_be_built_is_refused_before_any_weight():
                        (dict(depth=-1), "depth=-1"), (dict(hidden=0), "hidden=0")]:
         with pytest.raises(SelaggError, match=words):
             ScorerOptions(**bad)
-    with pytest.raises(SelaggError, match="scorer must be an instance of aggregation.ScorerOptions, not dict"):
+    with pytest.raises(SelaggError, match="scorer must be an instance of heads.ScorerOptions, not dict"):
         make_head("abmilp", 8, scorer=dict(depth=1))
 
 
@@ -218,18 +225,20 @@ def test_evaluation_settings_that_would_give_a_meaningless_number_are_refused(ca
 
 # ----------------------------------------------------------------------------- options of the wrong type
 def test_an_options_argument_of_another_type_names_the_class_to_build(tmp_path):
-    from selagg_utils import ddp_probing, features, probing, pretrain_run, shards
+    from selagg_utils import features, probing
+    from selagg_utils.scaleout import ddp_probing, shards
+    from selagg_utils.weights import training
 
     calls = [
         ("extraction.ExtractOptions", lambda: features.cached_tokens("tiny-random", None, options={"batch_size": 8})),
         ("shard_files.StoreOptions", lambda: shards.extract_to_store("tiny-random", None, tmp_path, store={})),
-        ("aggregation.ScorerOptions", lambda: make_head("abmilp", 8, scorer={"depth": 1})),
+        ("heads.ScorerOptions", lambda: make_head("abmilp", 8, scorer={"depth": 1})),
         ("probing.ProbeRecipe", lambda: train_probe("cls", toy(32, 0), toy(16, 1), recipe={"epochs": 1})),
         ("probing.ProbeRecipe", lambda: ddp_probing.train_probes_distributed("cls", toy(32, 0), toy(16, 1),
                                                                              recipe={"epochs": 1})),
         ("probing.LowShot", lambda: probing.low_shot_accuracy("cls", toy(32, 0), toy(16, 1), toy(16, 2), 5)),
         ("ddp_probing.ProbeProblem", lambda: ddp_probing.bench_probe_epoch("mean", (32, 17, 8))),
-        ("pretrain.TrainOptions", lambda: pretrain_run.pretrain_tiny("random", 0, 8, {"lr": 1e-3}, out_dir=tmp_path)),
+        ("pretrain.TrainOptions", lambda: training.pretrain_tiny("random", 0, 8, {"lr": 1e-3}, out_dir=tmp_path)),
     ]
     for where, call in calls:
         with pytest.raises(SelaggError, match=rf"must be an instance of {where}, not (dict|int|tuple); build one"):

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from selagg_utils import SelaggError
-from selagg_utils.cache_keys import cache_key, dataset_identity, entry_path
-from selagg_utils.digits import cluttered_digits
+from selagg_utils.cache.keys import cache_key, dataset_identity, entry_path
+from selagg_utils.data import cluttered_digits
 from selagg_utils.extraction import EXTRACTION_VERSION, ExtractOptions
 from selagg_utils.features import TokenSet, cached_tokens
 from selagg_utils.models import TokenLayout, load_backbone, tiny_checkpoint_path
@@ -110,7 +110,7 @@ def test_the_key_holds_code_and_library_versions_and_the_manifests_model(tmp_pat
 
 
 def test_an_entry_of_another_code_version_is_never_read(cache, monkeypatch):
-    from selagg_utils import cache_keys
+    from selagg_utils.cache import keys as cache_keys
 
     data = cluttered_digits("val", n_images=4)
     old = cached_tokens("tiny-mae", data, options=ExtractOptions(batch_size=4, progress=False))
@@ -140,8 +140,8 @@ def two_backbones(tmp_path_factory):
 
 
 def test_splits_of_two_backbones_are_refused(two_backbones):
-    from selagg_utils.ddp_probing import train_probes_distributed
     from selagg_utils.linear_eval import knn_accuracy, logistic_probe_accuracy, position_accuracy, ridge_accuracy
+    from selagg_utils.scaleout.ddp_probing import train_probes_distributed
 
     mae, jea = two_backbones["tiny-mae"], two_backbones["tiny-jea"]
     recipe = ProbeRecipe(**QUICK)
@@ -165,7 +165,7 @@ def test_a_val_or_test_split_with_classes_train_lacks_is_refused():
     train = TokenSet(train.tokens, train.labels.clamp(max=1), train.layout)  # classes 0 and 1 only
     with pytest.raises(SelaggError, match=r"val split holds class\(es\) \[2\] that the train split lacks"):
         train_probe("cls", train, val, recipe=ProbeRecipe(**QUICK))
-    from selagg_utils.ddp_probing import train_probes_distributed
+    from selagg_utils.scaleout.ddp_probing import train_probes_distributed
 
     with pytest.raises(SelaggError, match=r"class\(es\) \[2\] that the train parts lack"):
         train_probes_distributed("cls", train, val, recipe=ProbeRecipe(**QUICK))
@@ -284,7 +284,8 @@ def test_the_probe_script_prints_the_sentence_and_exits_with_2(tmp_path, capsys,
 
 
 def test_the_probe_script_refuses_stores_of_two_backbones(tmp_path, capsys):
-    from selagg_utils.shards import StoreOptions, extract_to_store
+    from selagg_utils.scaleout.shard_files import StoreOptions
+    from selagg_utils.scaleout.shards import extract_to_store
 
     quiet = ExtractOptions(batch_size=8, progress=False)
     for name, split in (("tiny-mae", "train"), ("tiny-jea", "val")):
@@ -318,7 +319,8 @@ def test_the_probe_script_checks_its_output_before_training(tmp_path, monkeypatc
 
 
 def test_a_full_disk_while_writing_a_store_is_a_sentence_and_a_rerun_finishes(tmp_path, file_size_limit):
-    from selagg_utils.shards import StoreOptions, extract_to_store
+    from selagg_utils.scaleout.shard_files import StoreOptions
+    from selagg_utils.scaleout.shards import extract_to_store
 
     data = cluttered_digits("val", n_images=6)
     quiet = ExtractOptions(batch_size=6, progress=False)
@@ -348,7 +350,7 @@ def image_tree(root, per_class: int = 5):
 def test_hidden_folders_are_never_classes_or_images(tmp_path, capsys):
     from PIL import Image
 
-    from selagg_utils.imagenette import image_folder
+    from selagg_utils.imagenette.folders import image_folder
 
     root = image_tree(tmp_path)
     for where in ("train/.ipynb_checkpoints", "val/.ipynb_checkpoints", "train/a/.ipynb_checkpoints"):
@@ -367,7 +369,7 @@ def test_hidden_folders_are_never_classes_or_images(tmp_path, capsys):
 def test_links_that_would_duplicate_an_image_or_never_end_are_refused(tmp_path, link, words):
     import os
 
-    from selagg_utils.imagenette import image_folder
+    from selagg_utils.imagenette.folders import image_folder
 
     root = image_tree(tmp_path)
     name, target = link.split(" -> ")
@@ -379,7 +381,7 @@ def test_links_that_would_duplicate_an_image_or_never_end_are_refused(tmp_path, 
 def test_a_link_to_an_image_elsewhere_is_followed(tmp_path):
     import os
 
-    from selagg_utils.imagenette import image_folder
+    from selagg_utils.imagenette.folders import image_folder
 
     root = image_tree(tmp_path / "data")
     (root / "val" / "a" / "0.png").rename(tmp_path / "outside.png")
@@ -391,7 +393,7 @@ def test_images_of_16_bits_are_decoded_at_their_depth_and_32_bit_ones_refused(tm
     import numpy as np
     from PIL import Image
 
-    from selagg_utils.imagenette import rgb_image
+    from selagg_utils.imagenette.folders import rgb_image
 
     grey = (np.arange(256).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
     Image.fromarray(grey).save(tmp_path / "deep.png")
@@ -402,7 +404,7 @@ def test_images_of_16_bits_are_decoded_at_their_depth_and_32_bit_ones_refused(tm
 
 
 def test_a_class_too_small_to_be_in_both_carved_splits_is_refused(tmp_path):
-    from selagg_utils.imagenette import image_folder
+    from selagg_utils.imagenette.folders import image_folder
 
     root = image_tree(tmp_path)
     for i in range(1, 5):
@@ -426,7 +428,7 @@ def test_entries_in_a_group_writable_cache_are_readable_by_the_group(tmp_path, f
 
 
 def test_a_book_checkpoint_whose_file_is_garbage_under_a_matching_manifest_is_a_sentence(tmp_path):
-    from selagg_utils.checkpoints import sha256_of
+    from selagg_utils.checks import sha256_of
 
     path = tmp_path / "mine.safetensors"
     path.write_bytes(b"\x08" + b"\x00" * 7 + b"{broken")

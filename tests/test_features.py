@@ -4,8 +4,11 @@ import os
 import pytest
 import torch
 
-from selagg_utils import SelaggError, cache_keys, distributed, extraction, token_store
+from selagg_utils import SelaggError, config, extraction
 from selagg_utils import features as feat
+from selagg_utils.cache import entries as cache_entries
+from selagg_utils.cache import keys as cache_keys
+from selagg_utils.cache import store as token_store
 from selagg_utils.data import load_dataset
 from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import load_backbone
@@ -35,7 +38,7 @@ def test_cached_tokens_are_extracted_once_then_loaded(cache, data, monkeypatch):
     first = feat.cached_tokens("tiny-random", data, options=ExtractOptions(batch_size=10, progress=False))
     assert first.tokens.dtype == torch.float16 and first.tokens.shape == (24, 65, 128)
     assert len(list(cache.glob("*.safetensors"))) == 1
-    monkeypatch.setattr(feat, "extract_blocks", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr(cache_entries, "extract_blocks", lambda *a, **k: pytest.fail("extracted again"))
     again = feat.cached_tokens("tiny-random", data, options=QUIET)
     assert torch.equal(again.tokens, first.tokens) and again.key == first.key
     assert (again.num_prefix_tokens, again.has_cls, again.grid_size) == (1, True, (8, 8))
@@ -115,7 +118,7 @@ def test_options_the_cache_cannot_honour_are_refused_before_any_work(cache, data
 
 
 def test_no_device_means_this_process_s_and_keys_the_same_entry(cache, data):
-    assert extraction.process_device() == distributed.current_process().device == torch.device("cpu")
+    assert extraction.process_device() == config.current_process().device == torch.device("cpu")
     assert extraction.resolved_options().device == extraction.process_device()
     assert extraction.resolved_options(ExtractOptions(device="cpu")).device == "cpu"  # a device given is kept
     own = feat.cached_tokens("tiny-random", data, options=QUIET)

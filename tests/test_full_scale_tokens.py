@@ -4,7 +4,6 @@ A file of its own so that `make test`'s two pytest workers, which take a file ea
 rehearsal; these chapters share one feature cache, as a reader's run does.
 """
 import pytest
-
 from test_full_scale import TOKEN_CHAPTERS, full_scale_env, rehearse  # noqa: F401 (a fixture)
 
 

@@ -5,8 +5,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from selagg_utils.features import TokenSet
-from selagg_utils.models import TokenLayout
 from selagg_utils.linear_eval import knn_accuracy, logistic_probe_accuracy, position_accuracy, ridge_accuracy
+from selagg_utils.models import TokenLayout
 
 
 def overlapping_classes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

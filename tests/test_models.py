@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from selagg_utils import SelaggError
+from selagg_utils.cache import keys as cache_keys
 from selagg_utils.config import scale, settings
 from selagg_utils.models import load_backbone, tiny_vit
+from selagg_utils.weights import hub
 
 
 def test_unknown_name_lists_the_choices():
@@ -42,7 +44,7 @@ def test_unreachable_hub_is_one_sentence_without_offline_mode(monkeypatch):
     """Without HF_HUB_OFFLINE the hub client would retry for about 47 s; the check answers first."""
     import timm
 
-    from selagg_utils import network
+    from selagg_utils.weights import network
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("SELAGG_OFFLINE", raising=False)
@@ -57,13 +59,12 @@ def test_unreachable_hub_is_one_sentence_without_offline_mode(monkeypatch):
 def test_a_failed_download_after_the_check_is_still_one_sentence(monkeypatch):
     import timm
 
-    from selagg_utils import models
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
                       "in the cached files. Check your internet connection or see how to run the library in offline mode.")
 
-    monkeypatch.setattr(models, "check_weights_reachable", lambda arch: None)
+    monkeypatch.setattr(hub, "check_weights_reachable", lambda arch: None)
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(SelaggError, match="no network connection") as info:
         load_backbone("vit_base_patch16_224.mae", scale="full")
@@ -95,7 +96,7 @@ def test_the_untrained_control_is_seeded_and_its_seed_is_part_of_its_identity():
     b = load_backbone("random:vit_tiny_patch16_224", img_size=32)
     c = load_backbone("random:vit_tiny_patch16_224:1", img_size=32)
     assert torch.equal(a.pos_embed, b.pos_embed) and not torch.equal(a.pos_embed, c.pos_embed)
-    ids = [models.resolve_backbone(n).identity() for n in ("random:vit_tiny_patch16_224", "random:vit_tiny_patch16_224:1")]
+    ids = [cache_keys.weights_identity(models.resolve_backbone(n)) for n in ("random:vit_tiny_patch16_224", "random:vit_tiny_patch16_224:1")]
     assert ids[0]["seed"] == 0 and ids[1]["seed"] == 1 and ids[0] != ids[1]
 
 

@@ -2,7 +2,7 @@
 import socket
 import time
 
-from selagg_utils import network
+from selagg_utils.weights import network
 
 
 def test_a_hanging_name_lookup_counts_as_unreachable_within_the_limit(monkeypatch):

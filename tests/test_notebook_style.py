@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from pagecheck import CODE_COLUMN_CHARS
 
 ROOT = Path(__file__).resolve().parents[1]

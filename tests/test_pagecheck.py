@@ -1,6 +1,5 @@
 """The page checks themselves: a sound page passes, and each kind of broken page fails with its sentence."""
 import pytest
-
 from pagecheck import browser_defects, html_defects
 
 GOOD = """<html><head><script defer src="../_static/mathjax/tex-svg.js"></script></head><body>
@@ -78,6 +77,7 @@ def test_browser_findings_become_sentences(change, words):
 
 def test_the_figure_checks_assume_the_output_column_the_browser_measures():
     from pagecheck import OUTPUT_COLUMN_PX
+
     from selagg_utils import viz
 
     assert viz.COLUMN_PX == OUTPUT_COLUMN_PX

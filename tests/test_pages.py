@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from pagecheck import BROWSER_PROBE, browser_defects, html_defects
 
 ROOT = Path(__file__).resolve().parents[1]

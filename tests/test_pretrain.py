@@ -2,11 +2,20 @@
 import pytest
 import torch
 
-from selagg_utils.digits import DigitStream
+from selagg_utils.data import DigitStream
 from selagg_utils.models import tiny_vit
-from selagg_utils.pretrain import (ContrastiveJEA, MaskedAutoencoder, info_nce, mean_fill_baseline, patchify,
-                                   TrainOptions, random_masking, random_views, train_steps,
-                                   unpatchify)
+from selagg_utils.pretrain import (
+    ContrastiveJEA,
+    MaskedAutoencoder,
+    TrainOptions,
+    info_nce,
+    mean_fill_baseline,
+    patchify,
+    random_masking,
+    random_views,
+    train_steps,
+    unpatchify,
+)
 
 
 def test_patchify_round_trip_and_order():
@@ -85,7 +94,7 @@ def test_the_pretraining_script_writes_a_loadable_checkpoint_whose_manifest_desc
     from pathlib import Path
 
     from selagg_utils.models import load_backbone, tiny_checkpoint_path, vit_config
-    from selagg_utils.pretrain_run import DEFAULTS
+    from selagg_utils.weights.training import DEFAULTS
 
     root = Path(__file__).resolve().parents[1]
     shipped = tiny_checkpoint_path(f"tiny-{method}").read_bytes()
@@ -110,7 +119,7 @@ def test_pretraining_with_options_given_records_the_options_used(tmp_path):
 
     from selagg_utils import SelaggError
     from selagg_utils.models import tiny_checkpoint_path
-    from selagg_utils.pretrain_run import method_options, pretrain_tiny
+    from selagg_utils.weights.training import method_options, pretrain_tiny
 
     shipped = tiny_checkpoint_path("tiny-jea").read_bytes()
     assert method_options("mae", "cpu") == TrainOptions(lr=1.5e-3, device=torch.device("cpu"))

@@ -1,5 +1,4 @@
 """Probes: the lr sweep trains copies together and equals separate runs; low-shot; k-NN; determinism."""
-import copy
 import re
 from dataclasses import replace
 
@@ -10,10 +9,19 @@ from timm.optim import Lars
 from selagg_utils import SelaggError
 from selagg_utils.features import TokenSet
 from selagg_utils.models import TokenLayout, tiny_vit
-from selagg_utils.optim import SweepAdamW, SweepLars
-from selagg_utils.probing import (LowShot, ProbeHead, ProbeRecipe, fmt, low_shot_accuracy, low_shot_indices,
-                                  probe_head, train_probe, train_probes)
-from selagg_utils.stacking import ProbeStack
+from selagg_utils.probing import (
+    LowShot,
+    ProbeHead,
+    ProbeRecipe,
+    fmt,
+    low_shot_accuracy,
+    low_shot_indices,
+    probe_head,
+    train_probe,
+    train_probes,
+)
+from selagg_utils.sweep.optimizers import SweepAdamW, SweepLars
+from selagg_utils.sweep.stacks import ProbeStack
 
 D, C = 16, 3
 

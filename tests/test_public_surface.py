@@ -5,7 +5,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORTS = re.compile(r"from selagg_utils import ([\w, ]+)")
+MODULES = {".".join(f.relative_to(ROOT / "selagg_utils").with_suffix("").parts)
+           for f in (ROOT / "selagg_utils").rglob("*.py") if f.name != "__init__.py"}
 
 
 def code_texts() -> dict[str, str]:
@@ -18,18 +19,27 @@ def code_texts() -> dict[str, str]:
     return texts
 
 
-def package_names_used(text: str, modules: set[str]) -> set[tuple[str, str]]:
-    """(module, name) for each `module.name` in the code whose module the code imports from the package."""
-    imported = {m.strip() for line in IMPORTS.findall(text) for m in line.split(",")} & modules
-    return {(m, n) for m, n in re.findall(r"(?<![\w.])([a-z_]+)\.([A-Za-z_]\w*)", text) if m in imported}
+def package_names_used(text: str) -> set[tuple[str, str]]:
+    """(module, name) for each package name the code uses: `module.name` through an imported module (or its
+    alias), and each name imported from a module."""
+    aliases, used = {}, set()
+    for package, names in re.findall(r"^\s*from selagg_utils((?:\.\w+)*) import \(?([\w, \n]+?)\)?$", text, re.M):
+        for item in re.split(r",\s*", names.strip()):
+            name, _, alias = (part.strip() for part in item.partition(" as "))
+            full = f"{package[1:]}.{name}".lstrip(".")
+            if full in MODULES:
+                aliases[alias or name] = full
+            elif package[1:] in MODULES and name:
+                used.add((package[1:], name))
+    used |= {(aliases[m], n) for m, n in re.findall(r"(?<![\w.])([a-z_]+)\.([A-Za-z_]\w*)", text) if m in aliases}
+    return used
 
 
 def test_every_package_name_the_book_uses_is_public_and_documented():
-    modules = {p.stem for p in (ROOT / "selagg_utils").glob("*.py")} - {"__init__"}
     texts = code_texts()
-    shared = {m for text in texts.values() for line in IMPORTS.findall(text) for m in line.split(",")}
-    texts["solutions.md"] = "from selagg_utils import " + ", ".join(sorted(shared)) + "\n" + texts["solutions.md"]
-    used = {(where, m, n) for where, text in texts.items() for m, n in package_names_used(text, modules)}
+    shared = "\n".join(line for text in texts.values() for line in re.findall(r"^from selagg_utils.*$", text, re.M))
+    texts["solutions.md"] = shared + "\n" + texts["solutions.md"]  # the solutions run after their chapter
+    used = {(where, m, n) for where, text in texts.items() for m, n in package_names_used(text)}
     assert len({(m, n) for _, m, n in used}) > 100, "the scan found too few names: it would pass on anything"
     problems = []
     for where, m, n in sorted(used):
@@ -43,9 +53,7 @@ def test_every_package_name_the_book_uses_is_public_and_documented():
 
 
 def test_every_module_says_what_it_exports():
-    for path in sorted((ROOT / "selagg_utils").glob("*.py")):
-        if path.stem == "__init__":
-            continue
-        module = importlib.import_module(f"selagg_utils.{path.stem}")
+    for name in sorted(MODULES):
+        module = importlib.import_module(f"selagg_utils.{name}")
         missing = [n for n in getattr(module, "__all__", None) or ["<no __all__>"] if not hasattr(module, n)]
-        assert not missing, f"{path.stem}.__all__ names what the module does not define: {missing}"
+        assert not missing, f"{name}.__all__ names what the module does not define: {missing}"

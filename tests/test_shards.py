@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from selagg_utils.checks import SelaggError
 from selagg_utils.data import load_dataset
-from selagg_utils.distributed import check_backend, process_group
-from selagg_utils.errors import SelaggError
 from selagg_utils.extraction import ExtractOptions, extract_blocks
 from selagg_utils.models import load_backbone
-from selagg_utils.shard_files import StoreOptions, dequantized, quantized, shard_name, sidecar_name, store_identity
-from selagg_utils.shards import TokenStore, extract_to_store
+from selagg_utils.scaleout.distributed import check_backend, process_group
+from selagg_utils.scaleout.shard_files import (
+    StoreOptions,
+    dequantized,
+    quantized,
+    shard_name,
+    sidecar_name,
+    store_identity,
+)
+from selagg_utils.scaleout.shards import TokenStore, extract_to_store
 
 pytestmark = pytest.mark.slow  # processes, scripts or builds: `make test` runs them, `make check` not
 
@@ -27,9 +34,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 KILLED_RANK = """
 import os, signal, sys
-from selagg_utils import shards
+from selagg_utils.scaleout import shards
 from selagg_utils.data import load_dataset
-from selagg_utils.distributed import process_group
+from selagg_utils.scaleout.distributed import process_group
 from selagg_utils.extraction import ExtractOptions
 
 with process_group("gloo") as info:

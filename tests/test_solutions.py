@@ -16,9 +16,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from solutions_page import DIRECTIVE, DROPDOWN, PYTHON, SOLUTIONS, directives, markdown_of, numbered_questions, page_sections, \
-    solution_code
+from solutions_page import (
+    DIRECTIVE,
+    DROPDOWN,
+    PYTHON,
+    SOLUTIONS,
+    directives,
+    markdown_of,
+    numbered_questions,
+    page_sections,
+    solution_code,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = {p.name[:2]: p for p in sorted((ROOT / "notebooks").glob("0*.ipynb"))}

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from selagg_utils import SelaggError
-from selagg_utils.aggregation import make_head
 from selagg_utils.features import TokenSet
+from selagg_utils.heads import make_head
 from selagg_utils.models import TokenLayout
 from selagg_utils.probing import ProbeHead, probe_head
-from selagg_utils.stacking import ProbeStack, can_stack, softmax_pooled, stack_accuracy, training_source
+from selagg_utils.sweep.stacks import ProbeStack, can_stack, softmax_pooled, stack_accuracy, training_source
 
 D = 32
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from selagg_utils import SelaggError, timing
-from selagg_utils.models import tiny_vit
+from selagg_utils import SelaggError
+from selagg_utils.bench import timing
 
 CPU = torch.device("cpu")
 

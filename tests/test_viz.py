@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from selagg_utils import SelaggError, attention, models, viz
+from selagg_utils.pages import explorer as static_explorer
+from selagg_utils.pages import figure_text
 
 
 def test_table_is_escaped_html_with_one_cell_per_column():
@@ -24,7 +26,7 @@ def test_table_refuses_a_row_of_the_wrong_length():
 def test_figure_png_is_a_png_and_closes_the_figure():
     fig, ax = plt.subplots()
     ax.plot([0, 1])
-    png = viz.figure_png(fig)
+    png = static_explorer.figure_png(fig)
     assert png.startswith(b"\x89PNG") and not plt.fignum_exists(fig.number)
 
 
@@ -33,14 +35,14 @@ def test_smallest_text_is_measured_in_pixels_as_the_page_shows_it():
     ax.plot([0, 1])
     ax.set_title("tiny", fontsize=3.6)  # 3.6 pt at 100 dpi: 5 px, in a figure narrower than the column
     try:
-        px, text = viz.smallest_text_px(fig)
-        assert text == "tiny" and px == pytest.approx(5.0) and px < viz.MIN_TEXT_PX
+        px, text = figure_text.smallest_text_px(fig)
+        assert text == "tiny" and px == pytest.approx(5.0) and px < figure_text.MIN_TEXT_PX
         ax.set_title("tiny", fontsize=12)
-        assert viz.smallest_text_px(fig).px > viz.MIN_TEXT_PX  # now the tick labels are smallest
-        wide = viz.smallest_text_px(fig, column_px=100)  # a picture wider than the column shrinks
-        assert wide.px < viz.MIN_TEXT_PX and wide.text != "tiny"
+        assert figure_text.smallest_text_px(fig).px > figure_text.MIN_TEXT_PX  # now the tick labels are smallest
+        wide = figure_text.smallest_text_px(fig, column_px=100)  # a picture wider than the column shrinks
+        assert wide.px < figure_text.MIN_TEXT_PX and wide.text != "tiny"
         ax.set_visible(False)
-        assert viz.smallest_text_px(fig) == (float("inf"), "")  # hidden text does not count
+        assert figure_text.smallest_text_px(fig) == (float("inf"), "")  # hidden text does not count
     finally:
         plt.close(fig)
 
@@ -53,7 +55,7 @@ def test_hidden_axes_and_empty_labels_are_not_measured():
     right.set_yticks([])
     right.set_xlabel("label", fontsize=11)
     try:
-        assert viz.smallest_text_px(fig).text == "label"
+        assert figure_text.smallest_text_px(fig).text == "label"
     finally:
         plt.close(fig)
 
@@ -79,9 +81,9 @@ def test_explorer_picture_text_is_legible_on_the_page():
     maps = attention.attention_maps(model, images)
     for query in ("cls", (3, 4)):
         fig = viz.attention_explorer_figure(images, maps, query=query)
-        px, text = viz.smallest_text_px(fig, dpi=100)  # the dpi figure_png saves at
+        px, text = figure_text.smallest_text_px(fig, dpi=100)  # the dpi figure_png saves at
         plt.close(fig)
-        assert px >= viz.MIN_TEXT_PX, f"the explorer's picture shows {text!r} at {px:.1f} px on the page"
+        assert px >= figure_text.MIN_TEXT_PX, f"the explorer's picture shows {text!r} at {px:.1f} px on the page"
 
 
 def test_explorer_redraws_its_picture_when_a_control_moves(explorer):
@@ -104,7 +106,7 @@ def test_static_explorer_has_one_view_per_image_block_and_query_and_no_outside_s
     images = torch.rand(3, 1, 32, 32)
     maps = attention.attention_maps(model, images)
     depth = len(model.blocks)
-    page = viz.attention_explorer_html(images, maps, n_images=2, max_blocks=depth, size=64)
+    page = static_explorer.attention_explorer_html([viz.displayable(i) for i in images], maps, n_images=2, max_blocks=depth, size=64)
     views = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
     assert len(views) == 2 * depth * 2                               # images x blocks x ([cls], centre patch)
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data, _ in views)
@@ -115,7 +117,7 @@ def test_static_explorer_has_one_view_per_image_block_and_query_and_no_outside_s
     assert "<script" not in page and "http" not in page and len(page) < 400_000
     first, later = html_module.unescape(views[0][1]), html_module.unescape(views[-1][1])
     assert first.startswith("Image 1, block 1, query [cls]") and "Image 2, block " + str(depth) in later
-    few = viz.attention_explorer_html(images, maps, n_images=1, max_blocks=3)
+    few = static_explorer.attention_explorer_html([viz.displayable(i) for i in images], maps, n_images=1, max_blocks=3)
     assert few.count("<img") == 3 * 2 and re.search(rf"\(1, \d, {depth}\)", few)  # first and last included
 
 
@@ -141,12 +143,13 @@ def test_statistics_table_has_a_row_per_block_and_only_measured_columns(explorer
 def test_bench_table_in_a_notebook_leaves_out_columns_without_values(monkeypatch, capsys):
     import IPython
 
-    from selagg_utils import bench, bench_report
+    from selagg_utils.bench import report as bench_report
+    from selagg_utils.bench import rows as bench_rows
 
     shown = []
     monkeypatch.setattr(IPython, "get_ipython", lambda: object())
     monkeypatch.setattr(viz, "show_table", shown.append)
-    rows = [bench.BenchRow(step="eager", device="cpu", model="m", batch_size=8, precision="fp32", median_ms=2.0)]
+    rows = [bench_rows.BenchRow(step="eager", device="cpu", model="m", batch_size=8, precision="fp32", median_ms=2.0)]
     bench_report.show(rows)
     (table,) = shown
     assert table.header == ["step", "batch", "precision", "median ms"]
@@ -157,12 +160,13 @@ def test_bench_table_in_a_notebook_leaves_out_columns_without_values(monkeypatch
 def test_bench_table_in_a_notebook_names_a_setting_every_row_shares_once(monkeypatch, capsys):
     import IPython
 
-    from selagg_utils import bench, bench_report
+    from selagg_utils.bench import report as bench_report
+    from selagg_utils.bench import rows as bench_rows
 
     shown = []
     monkeypatch.setattr(IPython, "get_ipython", lambda: object())
     monkeypatch.setattr(viz, "show_table", shown.append)
-    rows = [bench.BenchRow(step=s, device="cpu", model="m", batch_size=64, precision=p, median_ms=ms, params=10)
+    rows = [bench_rows.BenchRow(step=s, device="cpu", model="m", batch_size=64, precision=p, median_ms=ms, params=10)
             for s, p, ms in (("eager", "fp32", 2.0), ("autocast", "bf16", 1.0))]
     bench_report.show(rows)
     (table,) = shown

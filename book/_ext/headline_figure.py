@@ -20,7 +20,7 @@ def draw_headline(app: Sphinx) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from selagg_utils import diagrams
+    from selagg_utils.pages import diagrams
 
     target = Path(app.srcdir) / TARGET
     target.parent.mkdir(parents=True, exist_ok=True)
