@@ -27,7 +27,8 @@ from selagg_utils.attention import attention_statistics  # noqa: E402
 from selagg_utils.data import DigitsRecipe, DigitStream, cluttered_digits
 from selagg_utils.features import TokenSet  # noqa: E402
 from selagg_utils.linear_eval import logistic_probe_accuracy  # noqa: E402
-from selagg_utils.models import model_from_checkpoint, tiny_vit, token_layout, vit_config  # noqa: E402
+from selagg_utils.models import model_from_checkpoint, tiny_vit, token_layout  # noqa: E402
+from selagg_utils.weights.files import vit_config  # noqa: E402
 from selagg_utils.pretrain import ContrastiveJEA, MaeDecoder, MaskedAutoencoder, TrainOptions, train_steps  # noqa: E402
 from selagg_utils.weights.files import save_checkpoint
 

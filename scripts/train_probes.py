@@ -21,11 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selagg_utils.config import ProcessInfo
 from selagg_utils.features import TokenSet  # noqa: E402
 from selagg_utils.probing import ProbeRecipe, ProbeResult, checked_seeds  # noqa: E402
 from selagg_utils.scaleout.ddp_probing import train_probes_distributed
-from selagg_utils.scaleout.distributed import process_group
+from selagg_utils.scaleout.distributed import ProcessInfo, process_group
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -143,3 +143,21 @@ def sha256_of(path: str | os.PathLike) -> str:
 def manifest_path(weights: str | os.PathLike) -> Path:
     """The manifest that sits beside a weights file: `x.safetensors` -> `x.json`."""
     return Path(weights).with_suffix(".json")
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                 described: str = "the model its manifest describes") -> None:
+    """load_state_dict, all or nothing: one clear sentence when names or shapes do not fit the model."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
+             if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+                                         f"missing: {', '.join(missing[:3])}" if missing else "",
+                                         f"unexpected: {', '.join(unexpected[:3])}" if unexpected else ""]))
+        raise SelaggError(f"The weights in {source} do not fit {described} ({detail}; {len(missing)} missing, "
+                          f"{len(unexpected)} unexpected); give the checkpoint of that architecture, or name the "
+                          "architecture the file was trained with.")
+    model.load_state_dict(state)

@@ -26,7 +26,7 @@ MORE_VAR = "SELAGG_MORE_BACKBONES"
 MORE_BACKBONES = ("vit_base_patch14_reg4_dinov2.lvd142m", "vit_huge_patch14_gap_224.in1k_ijepa")
 
 __all__ = ["scale", "settings", "device", "seed_everything", "describe", "progress_bar", "resolve_device",
-           "half_precision", "autocast", "ProcessInfo", "synchronize"]
+           "half_precision", "autocast", "process_device", "synchronize"]
 
 
 def scale(value: str | None = None) -> str:
@@ -176,26 +176,17 @@ def check_full_scale_name(name: str, where: str) -> None:
                           f"{close_names(arch)}.")
 
 
-_OFF = {"1", "true", "yes", "on"}
-
-
-def bars_disabled() -> bool:
-    """True when the environment asks for no progress bars (TQDM_DISABLE=1), as book builds and tests do."""
-    return os.environ.get("TQDM_DISABLE", "").strip().lower() in _OFF
-
-
 def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs) -> tqdm:
     """A `tqdm.auto` bar, off when `enabled` is False or TQDM_DISABLE is set.
 
     tqdm's notebook bar ignores TQDM_DISABLE and an explicit `disable=` overrides it everywhere,
     so the package asks here instead of passing `disable=not progress` itself.
     """
-    return tqdm(iterable, disable=not enabled or bars_disabled(), **kwargs)
+    off = os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")  # book builds, tests
+    return tqdm(iterable, disable=not enabled or off, **kwargs)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -259,37 +250,19 @@ def autocast(device: torch.device, precision: str | torch.dtype | bool | None = 
     return torch.autocast(device.type, dtype=precision)
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
-    """This process's place in the job: rank, number of processes, and the device it computes on."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this is rank 0, the process that writes shared files and prints summaries."""
-        return self.rank == 0
+#: The device of each `scaleout.distributed.process_group` standing alone, without torchrun (innermost last).
+PROCESS_DEVICES: list[torch.device] = []
 
 
-def _device_for(backend: str, local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK under NCCL, else the CPU."""
-    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-
-
-#: What `process_group` gave while it runs without torchrun (innermost last), so that `current_process` agrees.
-_ALONE: list[ProcessInfo] = []
-
-
-def current_process() -> ProcessInfo:
-    """This process's place: from the process group when one is joined, else what `process_group` gave (rank 0 of
-    1 on its device) inside it, else rank 0 of 1 on the CPU."""
+def process_device(device: str | torch.device | None = None) -> str | torch.device:
+    """`device`, or this process's when None: cuda:LOCAL_RANK in an NCCL process group, the device of a
+    process group standing alone, else the CPU. The one place a device None is resolved."""
+    if device is not None:
+        return device
     if dist.is_available() and dist.is_initialized():
-        backend = dist.get_backend()
         local = int(os.environ.get("LOCAL_RANK", 0))
-        return ProcessInfo(dist.get_rank(), dist.get_world_size(), _device_for(backend, local))
-    return _ALONE[-1] if _ALONE else ProcessInfo(0, 1, torch.device("cpu"))
+        return torch.device("cuda", local) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return PROCESS_DEVICES[-1] if PROCESS_DEVICES else torch.device("cpu")
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -1,10 +1,11 @@
-"""Datasets by name: the registry `load_dataset` reads, and `load_split` for a scale's sizes.
+"""Datasets: the offline lab `cluttered-digits`, and the registry `load_dataset` reads.
 
-`cluttered-digits` is the offline lab (`digits`); `imagenette` and `imagefolder:<path>` are image
-folders (`imagenette`). At full scale each split goes through the eval transform of the checkpoint
-(`data_config`, from `transforms.model_data_config(model)`), may be capped to a seeded
-class-stratified subset (`max_images`, see `subsets`), and comes back displayable with
-`transforms.displayable`.
+The lab is built from scikit-learn's bundled 8x8 handwritten digits, so it needs no network. Each
+32x32 grayscale image holds one digit (upscaled to 16x16, placed at random) among small crops of
+other digits ("clutter") that never touch it, plus a little noise. With 4x4 patches the image is an
+8x8 grid; the digit covers about a quarter of it, so a model that wants the label has to *select*
+the right patches. Each image comes with its object mask: the patches that overlap the digit's ink.
+`imagenette` and `imagefolder:<path>` are image folders (the engine room `imagenette`).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset
 
 from .checks import SelaggError, check_finite_items, options_object, whole_number, whole_number_fields
-from .config import current_process, half_dtype, progress_bar, resolve_device
+from .config import half_dtype, process_device, progress_bar, resolve_device
 from .models import check_images_fit
 
 __all__ = ["ExtractOptions", "extract_blocks"]
@@ -57,34 +57,11 @@ class ExtractOptions:
                               "e.g. torch.float16 (the cache's) or torch.float32.")
 
 
-def process_device(device: str | torch.device | None = None) -> str | torch.device:
-    """`device`, or this process's when None (`distributed.current_process`: the CPU outside torchrun,
-    cuda:LOCAL_RANK under NCCL); the one place a device None is resolved."""
-    return current_process().device if device is None else device
-
-
 def resolved_options(options: ExtractOptions | None = None) -> ExtractOptions:
     """The options to run with: ExtractOptions() for None, and device None replaced by this process's device."""
     options = options_object(options, ExtractOptions, "options", "ExtractOptions(batch_size=64, progress=False)",
                              ExtractOptions())
     return options if options.device is not None else replace(options, device=process_device())
-
-
-@torch.inference_mode()
-def extract_tokens(model: VisionTransformer, dataset: Dataset, batch_size: int = 256,
-                   device: str | torch.device = "cpu", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """All output tokens after the final norm, (N, T, D) float32 with prefix tokens first, and labels (N,)."""
-    check_extraction_inputs(dataset, batch_size)
-    model.eval().to(device)
-    tokens, labels = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in progress_bar(loader, enabled=progress, desc="extracting tokens", leave=False):
-        images, y = batch[0], batch[1]
-        check_finite_items(images, "Image", sum(len(t) for t in tokens), _REPAIR)
-        check_images_fit(model, images)
-        tokens.append(model.forward_features(images.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(tokens), torch.cat(labels)
 
 
 def check_extraction_inputs(dataset: Dataset, batch_size: int) -> None:

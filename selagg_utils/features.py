@@ -9,9 +9,7 @@ from `extraction` (forward passes) and are kept on disk by the token cache, the 
 """
 from __future__ import annotations
 
-import json
 import os
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,41 +104,22 @@ class TokenSet:
         return TokenSet(self.tokens[index], self.labels[index], self.layout, {**self.key, "subset": True})
 
 
-#: The fields of a cache key or store identity that describe the data, not what made the tokens from it.
-_DATA_FIELDS = frozenset({"format", "code", "data", "transform", "block", "norm", "dtype", "compute", "pooled",
-                          "subset", "store", "part", "parts", "split", "dataset"})
-
-
-def key_source(key: dict) -> dict | None:
-    """What made tokens from their images, read from their key (a cache key or a store identity): the weights'
-    identity, the block and the final norm; None for a key that names no backbone (tokens built by hand)."""
-    key = json.loads(json.dumps(key, sort_keys=True, default=str))
-    if "backbone" not in key:  # tokens built by hand, or a key of the caller's own
-        return None
-    weights = key["backbone"] if isinstance(key["backbone"], dict) else \
-        {k: v for k, v in key.items() if k not in _DATA_FIELDS}
-    return {"weights": weights, "block": key.get("block"), "norm": key.get("norm")}
-
-
-#: The source of each feature tensor handed out by `TokenSet.cls`, `.mean_patches` and `PooledFeatures`, by id.
-_SOURCES: dict[int, tuple[weakref.ref, dict]] = {}
-
-
 def remember_source(tensor: torch.Tensor, key: dict) -> torch.Tensor:
-    """`tensor`, remembered (while it lives) as made by what `key` names, so that evaluations on features can
-    refuse splits of two backbones."""
-    source = key_source(key)
-    if source is not None:
-        _SOURCES[id(tensor)] = (weakref.ref(tensor, lambda _, i=id(tensor): _SOURCES.pop(i, None)), source)
+    """`tensor`, marked as made by what `key` names, so that evaluations on features can refuse splits of two
+    backbones (what a key names is the cache's to read: `cache.keys.key_source`)."""
+    from .cache.keys import key_source
+
+    tensor.selagg_source = key_source(key)
     return tensor
 
 
 def source_of(item) -> dict | None:
     """What made a TokenSet's or PooledFeatures' tokens, or a feature tensor taken from one; None when unknown."""
     if isinstance(item, (TokenSet, PooledFeatures)):
+        from .cache.keys import key_source
+
         return key_source(item.key)
-    entry = _SOURCES.get(id(item)) if isinstance(item, torch.Tensor) else None
-    return entry[1] if entry is not None and entry[0]() is item else None
+    return getattr(item, "selagg_source", None) if isinstance(item, torch.Tensor) else None
 
 
 def check_same_source(splits: dict, what: str = "tokens") -> None:

@@ -1,17 +1,11 @@
 """Pooling heads: frozen tokens (B, T, D) in, one vector per image (B, D) and the weight each token got out.
 
-Tokens come as a ViT emits them: `num_prefix_tokens` prefix tokens first ([cls] at index 0 when the
-model has one, then register tokens), then the patch tokens in raster order. Every head returns
-`(pooled, weights)` where `weights` is (B, T) over *all* input tokens and sums to 1 per image; tokens
-a head does not pool (registers, and [cls] unless asked for) get weight 0.
-
-An optional boolean `keep` (B, T) or (B, patches) marks the tokens a head may pool (True = may be
-pooled); it is neither MAE's hidden patches (`pretrain`) nor the lab's object masks (`digits`).
-
-Heads are built by name with `make_head` from a token width and a `models.TokenLayout`; the names, their
-classes and options are the registry `HEAD_KINDS` (listed at the end of this docstring). Training many copies of a head at once is the
-job of `stacking`; building and training probes (a head, then BatchNorm and a linear layer), of
-`probing` (`probing.probe_head`).
+Tokens come as a ViT emits them: prefix tokens first ([cls] at index 0 when the model has one, then
+registers), then the patches in raster order. `weights` (B, T) covers *all* input tokens and sums to 1
+per image; tokens a head does not pool (registers, and [cls] unless asked for) get 0. An optional
+boolean `keep` (B, T) or (B, patches) marks the tokens a head may pool. `make_head` builds a head by
+name from a token width and a `models.TokenLayout`; the names are the registry `HEAD_KINDS` (listed at
+the end of this docstring). `probing` puts BatchNorm and a linear layer after a head.
 """
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .checks import SelaggError, env_flag, manifest_path, notice, sha256_of
+from .checks import SelaggError, env_flag, load_weights, manifest_path, sha256_of
 from .config import RANDOM_INIT_SEED, TINY_NAMES, close_names, is_timm_name
 
 __all__ = ["TINY_CONFIG", "tiny_vit", "tiny_checkpoint_path", "data_config", "load_backbone",
-           "model_from_checkpoint", "vit_config", "TokenLayout", "token_layout", "read_manifest"]
+           "model_from_checkpoint", "TokenLayout", "token_layout", "read_manifest"]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -74,6 +74,7 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
     """
 
     from .config import scale as resolve_scale
+    from .weights.hub import full_scale_img_size  # 224 px for every timm backbone
 
     text = str(name)
     if text in TINY_NAMES:
@@ -110,14 +111,6 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
                       f"(pretrained weights need the full scale){close_names(text)}.")
 
 
-def full_scale_img_size(arch: str) -> int | None:
-    """224 for a timm architecture whose default input is larger (DINOv2's 518 px), so every backbone sees 224 px."""
-
-    cfg = timm.models.get_pretrained_cfg(arch)
-    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
-    return 224 if size and size > 224 else None
-
-
 def data_config(name: str | os.PathLike) -> dict | None:
     """How a backbone expects its images (timm's pretrained data config: size, interpolation, crop, mean, std).
 
@@ -147,7 +140,9 @@ def load_backbone(name_or_path: str | os.PathLike, scale: str | None = None, pre
     if spec.kind in ("tiny", "file"):
         model = model_from_checkpoint(spec.path)
     else:
-        model = _timm_backbone(spec, **timm_kwargs)
+        from .weights.hub import timm_backbone  # hub weights, a local weights file, or seeded random ones
+
+        model = timm_backbone(spec, **timm_kwargs)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -156,44 +151,6 @@ def uses_pretrained_weights(scale: str, pretrained: bool | None) -> bool:
     if pretrained is None:  # SELAGG_PRETRAINED=0 runs the full-scale code path offline, with random weights
         return scale == "full" and env_flag("SELAGG_PRETRAINED", True)
     return bool(pretrained)
-
-
-def _timm_backbone(spec: BackboneSpec, **kwargs) -> VisionTransformer:
-    """A timm ViT: hub weights (after a quick network check), a local weights file, or seeded random weights."""
-    from .weights.hub import check_weights_reachable, looks_offline
-
-    if spec.img_size:
-        kwargs.setdefault("img_size", spec.img_size)
-    source = {}
-    if spec.pretrained and spec.path is None:
-        check_weights_reachable(spec.arch)
-        source = dict(pretrained=True)
-    try:
-        with torch.random.fork_rng(devices=[]):  # the same random weights every time, the caller's RNG untouched
-            torch.manual_seed(spec.seed if spec.seed is not None else RANDOM_INIT_SEED)
-            model = timm.create_model(spec.arch, num_classes=0, **{"pretrained": False, **source}, **kwargs)
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
-        if spec.pretrained and looks_offline(err):
-            raise SelaggError(f"Could not download the weights of {spec.arch!r}: no network connection; the full "
-                              "scale needs internet access once (weights are then cached), the tiny scale runs offline.") from None
-        raise
-    if not isinstance(model, VisionTransformer):
-        raise SelaggError(f"{spec.arch!r} is a {type(model).__name__}, not a timm VisionTransformer; this book "
-                          "works with ViTs (patch tokens plus optional [cls] and register tokens).")
-    if spec.path is not None:
-        load_weights_file(model, spec.path, spec.arch)
-    return model
-
-
-def load_weights_file(model: VisionTransformer, path: Path, arch: str) -> None:
-    """Fill every weight of a timm ViT from a local file, all or nothing: a known nesting or wrapper prefix is
-    removed (said in one line), timm's conversions applied, and any weight missing or left over refused."""
-    from .weights.files import fitted_state
-
-    state, steps = fitted_state(model, path, arch)
-    load_weights(model, state, path.name, f"the architecture {arch!r}")
-    if steps:
-        notice(f"Read the weights of {arch!r} from {path.name}: {'; '.join(steps)}.")
 
 
 def model_from_checkpoint(path: str | os.PathLike) -> VisionTransformer:
@@ -213,24 +170,6 @@ def model_from_checkpoint(path: str | os.PathLike) -> VisionTransformer:
     return model
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
-                 described: str = "the model its manifest describes") -> None:
-    """load_state_dict, all or nothing: one clear sentence when names or shapes do not fit the model."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
-             if own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
-                                         f"missing: {', '.join(missing[:3])}" if missing else "",
-                                         f"unexpected: {', '.join(unexpected[:3])}" if unexpected else ""]))
-        raise SelaggError(f"The weights in {source} do not fit {described} ({detail}; {len(missing)} missing, "
-                          f"{len(unexpected)} unexpected); give the checkpoint of that architecture, or name the "
-                          "architecture the file was trained with.")
-    model.load_state_dict(state)
-
-
 def check_images_fit(model: torch.nn.Module, images: torch.Tensor) -> None:
     """Refuse a batch whose channels or size the ViT cannot read (a tiny backbone given 224-pixel colour images)."""
     embed = getattr(model, "patch_embed", None)
@@ -243,16 +182,6 @@ def check_images_fit(model: torch.nn.Module, images: torch.Tensor) -> None:
                           f"the dataset gives {' x '.join(map(str, images.shape[1:]))}; read the dataset as the "
                           "backbone expects (data.load_split(settings, split, models.data_config(name))), or pick a "
                           "backbone of the scale the dataset belongs to.")
-
-
-def vit_config(model: VisionTransformer) -> dict:
-    """The keyword arguments that rebuild a (tiny) ViT's architecture, read from the model object itself."""
-    block = model.blocks[0]
-    return dict(img_size=int(model.patch_embed.img_size[0]), patch_size=int(model.patch_embed.patch_size[0]),
-                in_chans=int(model.patch_embed.proj.in_channels), embed_dim=int(model.embed_dim),
-                depth=len(model.blocks), num_heads=int(block.attn.num_heads),
-                mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, num_classes=int(model.num_classes),
-                global_pool=model.global_pool)
 
 
 @dataclass(frozen=True)

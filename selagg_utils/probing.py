@@ -2,9 +2,9 @@
 
 `train_probe` follows MAE's linear-probing protocol (BatchNorm without affine, then Linear; LARS or
 AdamW; linear warm-up then cosine) and trains one copy of the head per learning rate *together*:
-every batch is read once and all copies are computed in one batched call (`stacking.ProbeStack`),
+every batch is read once and all copies are computed in one batched call (`sweep.stacks.ProbeStack`),
 each copy with its own learning rate in its own optimizer parameter groups, all updated in one
-multi-tensor step (`optim`). The learning rate is chosen on the val split and the chosen head is
+multi-tensor step (`sweep.optimizers`). The learning rate is chosen on the val split and the chosen head is
 reported on the test split. `train_probes` adds seeds the same way, each with its own batches.
 Evaluations without a training loop (k-NN, logistic regression, least squares) are in `linear_eval`.
 """
@@ -100,7 +100,7 @@ class ProbeHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (B, classes); `keep` marks the tokens the head may pool (see `aggregation`)."""
+        """Class logits (B, classes); `keep` marks the tokens the head may pool (see `heads`)."""
         return self.linear(self.bn(self.pool(tokens, keep)[0]))
 
 
@@ -127,7 +127,7 @@ class ProbeResult:
 def probe_head(head_name: str, source: TokenSet | nn.Module, num_classes: int, seed: int | None = 0,
                **options) -> ProbeHead:
     """A freshly initialised probe for a TokenSet's or a timm ViT's tokens: the head `head_name` of
-    `aggregation.HEAD_KINDS` (with `options`), then BatchNorm and a linear layer.
+    `heads.HEAD_KINDS` (with `options`), then BatchNorm and a linear layer.
 
     Its initialisation depends on `seed` only; `seed=None` draws it from torch's global generator.
     """
@@ -146,7 +146,7 @@ def head_inputs(source: TokenSet | nn.Module) -> tuple[int, TokenLayout]:
     if isinstance(source, nn.Module) and hasattr(source, "embed_dim") and hasattr(source, "patch_embed"):
         return int(source.embed_dim), token_layout(source)
     raise SelaggError(f"A probe reads its tokens' width and layout from a features.TokenSet or a timm ViT, got a "
-                      f"{type(source).__name__}; pass one of those, or build the head with aggregation.make_head("
+                      f"{type(source).__name__}; pass one of those, or build the head with heads.make_head("
                       f"name, dim, layout) from the names {', '.join(HEAD_KINDS)}.")
 
 

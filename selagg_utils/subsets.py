@@ -83,40 +83,6 @@ def _checked_count(value, name: str, available: int, what: str) -> int:
     return count
 
 
-def subset_of_base(dataset: Dataset, positions: list[int]) -> torch.utils.data.Subset:
-    """A one-level Subset of the dataset's base (under any Subset wrappers) holding the given positions, in order."""
-    indices = [int(p) for p in positions]
-    base = dataset
-    while isinstance(base, torch.utils.data.Subset):
-        indices = [int(base.indices[i]) for i in indices]
-        base = base.dataset
-    subset = torch.utils.data.Subset(base, indices)
-    classes = getattr(dataset, "classes", None)
-    if classes is not None:
-        subset.classes = classes
-    return subset
-
-
-def stratified_subset(dataset: Dataset, max_images: int | None, seed: int = 0) -> Dataset:
-    """At most max_images items: the dataset itself when it holds no more, else a seeded class-stratified Subset."""
-    if max_images is None:
-        return dataset
-    from .checks import whole_number
-
-    cap = whole_number(max_images, "max_images", 1, "give a positive number of images per split, or None for the "
-                       "whole split")
-    if cap >= len(dataset):
-        return dataset
-    labels = labels_of(dataset)
-    n_classes = len(np.unique(labels))
-    if cap < n_classes:
-        raise SelaggError(f"max_images={cap} is fewer than the {n_classes} classes of this split, so some classes "
-                          "would have no image here and the splits would not share their classes; give at least "
-                          f"{n_classes} images per split, or None for the whole split.")
-    positions = stratified_positions(labels, cap, np.random.default_rng([seed, _CAP_STREAM]))
-    return subset_of_base(dataset, positions.tolist())
-
-
 def example_indices(dataset: Dataset, n: int, seed: int = 0) -> list[int]:
     """n indices of a dataset for a gallery: drawn at random (seeded) within each class, classes interleaved."""
     count = _checked_count(n, "n", len(dataset), "examples")

@@ -11,13 +11,30 @@ import pytest
 import torch
 from PIL import Image
 
-from selagg_utils import SelaggError, data, transforms
-from selagg_utils.data import DATASETS, REGISTRY, available_datasets, cluttered_digits, load_dataset
+from selagg_utils import SelaggError, data
+from selagg_utils.data import (
+    DATASETS,
+    REGISTRY,
+    available_datasets,
+    cluttered_digits,
+    load_dataset,
+)
 from selagg_utils.imagenette import folders as imagenette_files
-from selagg_utils.imagenette.folders import image_folder, imagenette
+from selagg_utils.imagenette import transforms as folder_transforms
+from selagg_utils.imagenette.folders import (
+    image_folder,
+    imagenette,
+    stratified_subset,
+)
+from selagg_utils.imagenette.transforms import model_data_config
 from selagg_utils.scaleout.rehearsal import fake_imagenette
-from selagg_utils.subsets import class_quotas, example_indices, labels_of, stratified_positions, stratified_subset
-from selagg_utils.transforms import displayable, model_data_config, normalization
+from selagg_utils.subsets import (
+    class_quotas,
+    example_indices,
+    labels_of,
+    stratified_positions,
+)
+from selagg_utils.transforms import displayable, normalization
 from selagg_utils.weights import network
 
 
@@ -69,13 +86,13 @@ def test_a_model_built_at_another_size_gets_its_own_input_size():
     assert resolve_model_data_config(model)["input_size"] == (3, 518, 518)
     config = model_data_config(model)
     assert config["input_size"] == (3, 56, 56) and config["interpolation"] == "bicubic"
-    assert transforms.eval_transform(config)(Image.new("RGB", (80, 60))).shape == (3, 56, 56)
+    assert folder_transforms.eval_transform(config)(Image.new("RGB", (80, 60))).shape == (3, 56, 56)
 
 
 @pytest.mark.parametrize("config, words", [
     ({"input_size": (3, 32, 32)}, "lacks interpolation, mean, std, crop_pct"),
-    ({**transforms.default_data_config(32), "hflip": 0.5}, "unknown keys hflip"),
-    ({**transforms.default_data_config(32), "input_size": 32}, "channels, height, width"),
+    ({**folder_transforms.default_data_config(32), "hflip": 0.5}, "unknown keys hflip"),
+    ({**folder_transforms.default_data_config(32), "input_size": 32}, "channels, height, width"),
     ((3, 32, 32), "must be a dict"),
 ])
 def test_a_bad_data_config_is_refused(folder, config, words):
@@ -437,9 +454,9 @@ def test_load_split_reads_a_scales_sizes(folder):
     assert len(train) == 300 and len(test) == 120
     assert torch.equal(train.images, load_dataset("cluttered-digits", "train", n_images=300).images)
     with pytest.raises(SelaggError, match="takes no data_config"):
-        data.load_split(tiny, "test", transforms.default_data_config(32))
+        data.load_split(tiny, "test", folder_transforms.default_data_config(32))
     full = ScaleSettings("full", "m", "j", "r", f"imagefolder:{folder}", 8, 9, 8)
-    config = {**transforms.default_data_config(24), "mean": (0.5, 0.5, 0.5)}
+    config = {**folder_transforms.default_data_config(24), "mean": (0.5, 0.5, 0.5)}
     capped = data.load_split(full, "test", config)
     assert len(capped) == 8 and np.bincount(labels_of(capped)).tolist() == [4, 2, 2]
     assert normalization(capped)[0] == (0.5, 0.5, 0.5) and capped[0][0].shape == (3, 24, 24)

@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from selagg_utils import SelaggError
-from selagg_utils.config import ProcessInfo, current_process
 from selagg_utils.features import TokenSet
 from selagg_utils.models import TokenLayout
 from selagg_utils.probing import ProbeRecipe, train_probes
@@ -27,7 +26,7 @@ from selagg_utils.scaleout.ddp_probing import (
     local_rows_of_batch,
     train_probes_distributed,
 )
-from selagg_utils.scaleout.distributed import process_group
+from selagg_utils.scaleout.distributed import ProcessInfo, current_process, process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 D, C, T = 16, 3, 17

@@ -254,7 +254,7 @@ def test_an_image_cap_at_the_tiny_scale_is_said(full_env, capsys):
 
 
 def test_a_cap_below_the_number_of_classes_is_refused_by_the_data():
-    from selagg_utils.subsets import stratified_subset
+    from selagg_utils.imagenette.folders import stratified_subset
 
     data = torch.utils.data.TensorDataset(torch.zeros(30, 1), torch.arange(30) % 10)
     with pytest.raises(SelaggError, match="max_images=5 is fewer than the 10 classes"):

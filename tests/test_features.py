@@ -12,6 +12,7 @@ from selagg_utils.cache import store as token_store
 from selagg_utils.data import load_dataset
 from selagg_utils.extraction import ExtractOptions
 from selagg_utils.models import load_backbone
+from selagg_utils.scaleout.distributed import current_process
 
 QUIET = ExtractOptions(progress=False)
 
@@ -27,9 +28,10 @@ def data():
     return load_dataset("cluttered-digits", "val", n_images=24, seed=0)
 
 
-def test_extract_tokens_keeps_its_contract(data):
+def test_extract_blocks_keeps_its_contract(data):
     model = load_backbone("tiny-random")
-    tokens, labels = extraction.extract_tokens(model, data, batch_size=10, progress=False)
+    options = ExtractOptions(batch_size=10, progress=False, dtype=torch.float32)
+    (tokens,), labels = extraction.extract_blocks(model, data, [None], options)
     assert tokens.shape == (24, 65, 128) and tokens.dtype == torch.float32
     assert torch.equal(labels, data.labels)
 
@@ -118,8 +120,8 @@ def test_options_the_cache_cannot_honour_are_refused_before_any_work(cache, data
 
 
 def test_no_device_means_this_process_s_and_keys_the_same_entry(cache, data):
-    assert extraction.process_device() == config.current_process().device == torch.device("cpu")
-    assert extraction.resolved_options().device == extraction.process_device()
+    assert config.process_device() == current_process().device == torch.device("cpu")
+    assert extraction.resolved_options().device == config.process_device()
     assert extraction.resolved_options(ExtractOptions(device="cpu")).device == "cpu"  # a device given is kept
     own = feat.cached_tokens("tiny-random", data, options=QUIET)
     named = feat.cached_tokens("tiny-random", data, options=ExtractOptions(device="cpu", progress=False))

@@ -21,7 +21,8 @@ assert pathlib.Path(selagg_utils.__file__).is_relative_to(sys.prefix), selagg_ut
 model = models.load_backbone("tiny-mae")
 train = data.load_dataset("cluttered-digits", "train", n_images=300)
 test = data.load_dataset("cluttered-digits", "test", n_images=200)
-(tr, ytr), (te, yte) = (extraction.extract_tokens(model, s, batch_size=100, progress=False) for s in (train, test))
+options = extraction.ExtractOptions(batch_size=100, progress=False, dtype=torch.float32)
+((tr,), ytr), ((te,), yte) = (extraction.extract_blocks(model, s, [None], options) for s in (train, test))
 print(torch.__version__, torch.__file__)
 print(float(linear_eval.ridge_accuracy(tr[:, 0], ytr, te[:, 0], yte)))
 """

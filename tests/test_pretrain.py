@@ -93,7 +93,8 @@ def test_the_pretraining_script_writes_a_loadable_checkpoint_whose_manifest_desc
     import sys
     from pathlib import Path
 
-    from selagg_utils.models import load_backbone, tiny_checkpoint_path, vit_config
+    from selagg_utils.models import load_backbone, tiny_checkpoint_path
+    from selagg_utils.weights.files import vit_config
     from selagg_utils.weights.training import DEFAULTS
 
     root = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 Every measurement becomes one `BenchRow`. A row names its device, its precision and the row it is
 compared with, so a table of rows reads as a ladder: each step's speed-up over the step before it
 and, where the device's peak is known, the share of that peak the step reached. Clocks and counters
-live in `timing`, devices and precisions in `devices`, the probe-side rows in `bench_probes`, tables and
-figures of rows in `bench_report`.
+live in `timing`, the device's name and peak in `hardware`, the probe-side rows in `probe_rows`, tables
+and figures of rows in `report`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The probe side of chapter 07's ladder: online vs cached epochs, many learning rates in one pass, the heads.
 
 Every measurement is a whole training epoch of probes on random images and labels (timing does not
-depend on what the images show), returned as a `bench.BenchRow`.
+depend on what the images show), returned as a `rows.BenchRow`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .timing import count_flops, count_params, eager, forward_gflop_per_image
 __all__ = ["probe_bank", "probe_data", "online_epoch_fn", "online_vs_cached", "one_vs_many_lrs",
            "compare_heads", "probe_ladder"]
 
-#: The probes the ladder compares, by name, and the head of `aggregation.HEAD_KINDS` each one pools with.
+#: The probes the ladder compares, by name, and the head of `heads.HEAD_KINDS` each one pools with.
 PROBE_KINDS = {"linear": "cls", "abmilp": "abmilp", "attentive": "attentive"}
 #: How probe rows are timed unless the caller says otherwise: three epochs after one warm-up epoch, in fp32.
 PROBE_TIMING = MeasureOptions(repeats=3)
@@ -34,7 +34,7 @@ PROBE_TIMING = MeasureOptions(repeats=3)
 # ---------------------------------------------------------------- probes
 
 def probe_kind_head(kind: str) -> str:
-    """The registered head (`aggregation.HEAD_KINDS`) a probe kind of the ladder pools with."""
+    """The registered head (`heads.HEAD_KINDS`) a probe kind of the ladder pools with."""
     if kind not in PROBE_KINDS:
         raise SelaggError(f"Unknown probe {kind!r}; choose one of "
                           f"{', '.join(f'{k} ({HEAD_KINDS[h].summary})' for k, h in PROBE_KINDS.items())}.")
@@ -45,7 +45,7 @@ def probe_bank(kind: str, model: nn.Module, num_classes: int, lrs: list[float],
                device: torch.device | str = "cpu") -> tuple[nn.Module, torch.optim.Optimizer]:
     """len(lrs) probes of one kind trained together, and one LARS optimizer with a parameter group per lr.
 
-    Uses `stacking.ProbeStack` (the probes computed in one batched call) and `optim.make_optimizer`.
+    Uses `sweep.stacks.ProbeStack` (the probes computed in one batched call) and `sweep.optimizers.make_optimizer`.
     """
     stack = ProbeStack([probe_head(probe_kind_head(kind), eager(model), num_classes, seed=None)
                         for _ in lrs]).to(device)

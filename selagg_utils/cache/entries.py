@@ -1,7 +1,7 @@
 """The token cache's entries: run a backbone once over a dataset and keep its output tokens on disk.
 
-A cache entry is one file (`token_store`) holding the tokens (float16), the labels and, in its
-metadata, the key that produced it (`cache_keys`), the token layout and a checksum. Memory does not
+A cache entry is one file (`store`) holding the tokens (float16), the labels and, in its
+metadata, the key that produced it (`keys`), the token layout and a checksum. Memory does not
 grow with the number of images: extraction (`extraction`) streams each batch's tokens straight into
 the entry file being built, a loaded entry maps its file, and `TokenSet.mean_patches` converts a few
 images at a time. `pooled_features` keeps only the [cls] token and the mean of the patch tokens
@@ -11,7 +11,7 @@ On load the checksum is verified: a truncated or changed entry is extracted agai
 saying so; an intact entry whose stored key differs from the request is refused with a sentence
 naming the file. An extraction killed at any moment leaves nothing a later run would load. When the
 disk refuses the file halfway, the tokens are kept in memory and returned, with one line saying they
-were not stored. Processes filling one entry at once take turns (`entry_locks`): one extracts, the
+were not stored. Processes filling one entry at once take turns (`locks`): one extracts, the
 others wait and then load its entry.
 """
 from __future__ import annotations

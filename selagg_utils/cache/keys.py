@@ -27,8 +27,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
 from ..checks import SelaggError, sha256_of
-from ..extraction import EXTRACTION_VERSION, compute_precision, process_device
-from ..models import BackboneSpec, read_manifest, resolve_backbone, token_layout, vit_config
+from ..config import process_device
+from ..extraction import EXTRACTION_VERSION, compute_precision
+from ..models import BackboneSpec, read_manifest, resolve_backbone, token_layout
+from ..weights.files import vit_config
 from .files import temporary_prefix, tensors_digest, update_digest
 
 __all__ = ["CACHE_ENV", "writable_folder", "writable_cache_dir", "token_entry_bytes", "pooled_entry_bytes",
@@ -280,3 +282,20 @@ def key_text(key: dict) -> str:
 def entry_path(key: dict, directory: str | os.PathLike | None = None) -> Path:
     """Where the cache entry of a key lives."""
     return cache_dir(directory) / f"{key_digest(key)}.safetensors"
+
+
+#: The fields of a cache key or store identity that describe the data, not what made the tokens from it.
+_DATA_FIELDS = frozenset({"format", "code", "data", "transform", "block", "norm", "dtype", "compute", "pooled",
+                          "subset", "store", "part", "parts", "split", "dataset"})
+
+
+
+def key_source(key: dict) -> dict | None:
+    """What made tokens from their images, read from their key (a cache key or a store identity): the weights'
+    identity, the block and the final norm; None for a key that names no backbone (tokens built by hand)."""
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    if "backbone" not in key:  # tokens built by hand, or a key of the caller's own
+        return None
+    weights = key["backbone"] if isinstance(key["backbone"], dict) else \
+        {k: v for k, v in key.items() if k not in _DATA_FIELDS}
+    return {"weights": weights, "block": key.get("block"), "norm": key.get("norm")}

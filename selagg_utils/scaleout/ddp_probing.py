@@ -22,13 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..checks import SelaggError, options_object, whole_number, whole_number_fields
-from ..config import ProcessInfo, current_process
 from ..features import TokenSet, check_same_source
 from ..heads import negligible_grad_dropped
 from ..models import TokenLayout
 from ..probing import ProbeRecipe, ProbeResult, check_finite_tokens, checked_seeds, probe_head, usable_accuracies
 from ..sweep.loop import fit_stack
 from ..sweep.stacks import ProbeStack, diverged_copies, stack_correct, training_source
+from .distributed import ProcessInfo, current_process
 
 __all__ = ["train_probes_distributed", "ProbeProblem", "bench_probe_epoch"]
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..checks import SelaggError
-from ..config import _ALONE, ProcessInfo, _device_for, current_process
+from ..config import PROCESS_DEVICES, process_device
 
 __all__ = ["process_group", "barrier", "gathered_objects"]
 
@@ -43,6 +44,33 @@ def check_backend(backend: str | None) -> str:
     return backend
 
 
+@dataclass(frozen=True)
+class ProcessInfo:
+    """This process's place in the job: rank, number of processes, and the device it computes on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes shared files and prints summaries."""
+        return self.rank == 0
+
+
+def _device_for(backend: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK under NCCL, else the CPU."""
+    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+def current_process() -> ProcessInfo:
+    """This process's place: from the process group when one is joined, else rank 0 of 1 on what
+    `config.process_device` says (the device `process_group` gave inside it, else the CPU)."""
+    if dist.is_available() and dist.is_initialized():
+        return ProcessInfo(dist.get_rank(), dist.get_world_size(), process_device())
+    return ProcessInfo(0, 1, process_device())
+
+
 def under_torchrun() -> bool:
     """Whether torchrun (or another launcher setting its variables) started this process."""
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
@@ -59,11 +87,11 @@ def process_group(backend: str | None = None) -> Iterator[ProcessInfo]:
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = _device_for(backend, local)
     if not under_torchrun():
-        _ALONE.append(ProcessInfo(0, 1, device))
+        PROCESS_DEVICES.append(device)
         try:
-            yield _ALONE[-1]
+            yield ProcessInfo(0, 1, device)
         finally:
-            _ALONE.pop()
+            PROCESS_DEVICES.pop()
         return
     if device.type == "cuda":
         if local >= torch.cuda.device_count():

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..cache.entries import float16_options
 from ..cache.files import remove_orphaned_temporaries
 from ..cache.keys import key_digest, size_text, token_shape
 from ..checks import SelaggError, sha256_of, whole_number
-from ..config import current_process, progress_bar
-from ..cache.entries import float16_options
+from ..config import progress_bar
 from ..extraction import ExtractOptions, check_extraction_inputs, extract_blocks
 from ..features import TokenSet
 from ..models import load_backbone, token_layout
-from .distributed import barrier, gathered_objects
+from .distributed import barrier, current_process, gathered_objects
 from .shard_files import (
     DEQUANTISE_BYTES,
     INDEX_NAME,

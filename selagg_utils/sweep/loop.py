@@ -40,7 +40,7 @@ def fit_stack(stack: ProbeStack, tokens_of: Callable[[torch.Tensor], torch.Tenso
     `seed` (one per group) seeds each group's batch order; every group trains the recipe's learning
     rates, scaled by batch / 256. `backward_of(indices)`, when given, replaces the forward and
     backward pass of a batch (indices (S, B) into `labels`) and returns its mean loss per copy;
-    `ddp_probing` passes one that spans processes.
+    `scaleout.ddp_probing` passes one that spans processes.
     """
     seeds = [seed] * stack.groups if isinstance(seed, int) else list(seed)
     n = len(labels)

@@ -27,7 +27,7 @@ class _SoftmaxPooled(torch.autograd.Function):
     """Softmax over tokens, then the weighted sum of the tokens, with a backward laid out for speed.
 
     scores (S, L, B, T), tokens (S, B, T, D) -> pooled (S, B, L, D). Weights below 1e-30 are set to
-    0 before they are used or saved (see `softmax.masked_softmax`), so no denormal float enters the backward.
+    0 before they are used or saved (see `heads.masked_softmax`), so no denormal float enters the backward.
     """
 
     @staticmethod

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
 
 from ..cache.files import _atomic_write
 from ..checks import SelaggError, manifest_path, sha256_of
 
-__all__ = ["save_checkpoint", "read_weights_file", "unwrapped_state"]
+__all__ = ["save_checkpoint", "vit_config", "read_weights_file", "unwrapped_state", "fitted_state"]
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], manifest: dict) -> dict:
@@ -104,3 +105,13 @@ def fitted_state(model: torch.nn.Module, path: Path, arch: str) -> tuple[dict[st
             raise SelaggError(f"The weights in {path.name} do not fit the architecture {arch!r} ({type(err).__name__}:"
                               f" {str(err)[:120]}); give that architecture's checkpoint.") from None
     return state, steps
+
+
+def vit_config(model: VisionTransformer) -> dict:
+    """The keyword arguments that rebuild a (tiny) ViT's architecture, read from the model object itself."""
+    block = model.blocks[0]
+    return dict(img_size=int(model.patch_embed.img_size[0]), patch_size=int(model.patch_embed.patch_size[0]),
+                in_chans=int(model.patch_embed.proj.in_channels), embed_dim=int(model.embed_dim),
+                depth=len(model.blocks), num_heads=int(block.attn.num_heads),
+                mlp_ratio=block.mlp.fc1.out_features / model.embed_dim, num_classes=int(model.num_classes),
+                global_pool=model.global_pool)

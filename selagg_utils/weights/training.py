@@ -15,9 +15,9 @@ from ..checks import SelaggError, options_object
 from ..config import device as pick_device
 from ..config import resolve_device
 from ..data import DigitsRecipe, DigitStream
-from ..models import CHECKPOINT_DIR, tiny_vit, vit_config
+from ..models import CHECKPOINT_DIR, tiny_vit
 from ..pretrain import ContrastiveJEA, MaskedAutoencoder, TrainOptions, train_steps
-from .files import save_checkpoint
+from .files import save_checkpoint, vit_config
 
 __all__ = ["method_options", "pretrain_tiny"]
 
