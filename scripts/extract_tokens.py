@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=8 scripts/extract_tokens.py --backbone vit_base_patch16_224 \\
         --dataset imagefolder:/data/imagenet --split train --out /data/stores/vitb-train --dtype int8
 
-Rank r extracts the shards r, r + N, ... that are missing (see `selagg_utils.shards`); a rerun into the
+Rank r extracts the shards r, r + N, ... that are missing (see `selagg_utils.scaleout.shards`); a rerun into the
 same folder skips the complete, verified shards, with any number of processes. Rank 0 prints one
 line: images in the store, images extracted now, seconds, images per second, bytes on disk.
 """

@@ -4,7 +4,7 @@
         [--epochs E] [--seeds 0 1 2] [--batch-size B] [--out results.json] [--backend gloo]
 
 Each process reads its part of every store (shards i with i % N == rank) and the processes train
-together (`selagg_utils.ddp_probing`): the result equals one process on the whole split. Plain
+together (`selagg_utils.scaleout.ddp_probing`): the result equals one process on the whole split. Plain
 `python scripts/train_probes.py ...` runs as one process. Rank 0 prints one summary line and
 writes the head, the chosen learning rate, the val accuracy per learning rate and the test
 accuracy of every seed, the seconds, epochs and bytes of training tokens.

@@ -44,6 +44,8 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         for alias in node.names:
             target = ".".join(base + [alias.name])
             found.add(target if target in modules else ".".join(base))
+    missing = {m for m in found if m and m not in modules}
+    assert not missing, f"{name} imports package modules that do not exist: {sorted(missing)}"
     return {m for m in found if m in modules and m != name}
 
 

@@ -1,6 +1,6 @@
 """Draw the landing page's figure at build time, from the book's own code.
 
-`selagg_utils.diagrams.headline_chart` draws the paper's headline (the numbers the book quotes);
+`selagg_utils.pages.diagrams.headline_chart` draws the paper's headline (the numbers the book quotes);
 this extension saves it as `book/_generated/headline.png` before Sphinx reads the pages, so the
 repository holds no image that could fall out of step with the code.
 """
