@@ -11,7 +11,6 @@ stores the executed chapter, without the added cells, in the book's jupyter-cach
 `make test-notebooks` runs two chapters at a time (pytest-xdist, a whole chapter per worker, one
 torch thread each), the longest first; each worker stores its chapters under a file lock.
 """
-
 from __future__ import annotations
 
 import sys
@@ -34,15 +33,13 @@ APPENDED = "selagg_appended"
 
 def book_cache_path() -> Path:
     """The jupyter-cache folder the book build reads, from _config.yml."""
-    execute = yaml.safe_load((ROOT / "_config.yml").read_text()).get(
-        "execute", {}
-    )
+    execute = yaml.safe_load((ROOT / "_config.yml").read_text()).get("execute", {})
     return ROOT / execute.get("cache", "_build/.jupyter_cache")
 
 
 #: Run first, hidden: every picture the chapter's cells make (a figure shown inline, or PNG bytes from
-#: `viz.figure_png`) is measured as it is saved, with `viz.smallest_text_px` (the size its smallest text
-#: has on the page). Saving is where to look: `plt.show()` closes the figures before a cell ends.
+#: `pages.explorer.figure_png`) is measured as it is saved, with `pages.figure_text.smallest_text_px`
+#: (the size its smallest text has on the page). Saving is where to look: `plt.show()` closes the figures before a cell ends.
 FIGURE_TEXT_PROBE = """\
 import matplotlib.backend_bases as _selagg_backend
 from IPython import get_ipython as _selagg_ipython
@@ -90,65 +87,36 @@ class ChapterWithSolutions(IPyNbFile):
     a check of their figures' text, and one cell per solution code block."""
 
     def collect(self):
-        items = list(
-            super().collect()
-        )  # reads self.nb; one item per code cell, numbered as in the chapter
-        probe = nbformat.v4.new_code_cell(
-            FIGURE_TEXT_PROBE, metadata={APPENDED: "figure-text-probe"}
-        )
+        items = list(super().collect())  # reads self.nb; one item per code cell, numbered as in the chapter
+        probe = nbformat.v4.new_code_cell(FIGURE_TEXT_PROBE, metadata={APPENDED: "figure-text-probe"})
         self.nb.cells.insert(0, probe)
-        yield IPyNbCell.from_parent(
-            self,
-            name="Figure text probe",
-            cell_num=-1,
-            cell=probe,
-            options=defaultdict(bool, check=False),
-        )
+        yield IPyNbCell.from_parent(self, name="Figure text probe", cell_num=-1, cell=probe,
+                                    options=defaultdict(bool, check=False))
         yield from items
         number = len(items)
-        check = nbformat.v4.new_code_cell(
-            FIGURE_TEXT_CHECK, metadata={APPENDED: "figure-text-check"}
-        )
+        check = nbformat.v4.new_code_cell(FIGURE_TEXT_CHECK, metadata={APPENDED: "figure-text-check"})
         self.nb.cells.append(check)
-        yield IPyNbCell.from_parent(
-            self,
-            name="Figure text",
-            cell_num=number,
-            cell=check,
-            options=defaultdict(bool, check=False),
-        )
+        yield IPyNbCell.from_parent(self, name="Figure text", cell_num=number, cell=check,
+                                    options=defaultdict(bool, check=False))
         for i, code in enumerate(solution_code(self.path.name[:2])):
-            cell = nbformat.v4.new_code_cell(
-                code, metadata={APPENDED: "solution"}
-            )
+            cell = nbformat.v4.new_code_cell(code, metadata={APPENDED: "solution"})
             self.nb.cells.append(cell)
-            yield IPyNbCell.from_parent(
-                self,
-                name=f"Solution {i + 1}",
-                cell_num=number + 1 + i,
-                cell=cell,
-                options=defaultdict(bool, check=False),
-            )
+            yield IPyNbCell.from_parent(self, name=f"Solution {i + 1}", cell_num=number + 1 + i,
+                                        cell=cell, options=defaultdict(bool, check=False))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collect_file(file_path, parent):
     """Swap nbval's collector of a chapter for the one that appends its solutions."""
     found = yield
-    return [
-        ChapterWithSolutions.from_parent(parent, path=file_path)
-        if type(c) is IPyNbFile
-        else c
-        for c in found
-    ]
+    return [ChapterWithSolutions.from_parent(parent, path=file_path) if type(c) is IPyNbFile else c
+            for c in found]
 
 
 def without_appended(nb):
     """A copy of an executed chapter without the cells appended for its test run."""
     copy = nbformat.from_dict(nb)
-    copy.cells = [
-        c for c in copy.cells if APPENDED not in c.get("metadata", {})
-    ]
+    copy.cells = [c for c in copy.cells if APPENDED not in c.get("metadata", {})]
     return copy
 
 
@@ -157,9 +125,7 @@ class ExecutedChapters:
 
     def __init__(self) -> None:
         self.notebooks: dict[Path, dict] = {}
-        self.figure_text: dict[
-            str, str
-        ] = {}  # chapter: its smallest figure text, as the check cell printed it
+        self.figure_text: dict[str, str] = {}  # chapter: its smallest figure text, as the check cell printed it
 
     def pytest_runtest_logreport(self, report):
         """Each chapter's smallest figure text, also from test workers (user_properties travel with reports)."""
@@ -169,71 +135,29 @@ class ExecutedChapters:
 
     def pytest_terminal_summary(self, terminalreporter):
         for chapter, line in sorted(self.figure_text.items()):
-            terminalreporter.write_line(
-                f"{chapter}: {line or 'no figure'}"
-            )
+            terminalreporter.write_line(f"{chapter}: {line or 'no figure'}")
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = (yield).get_result()
-        cell, parent = (
-            getattr(item, "cell", None),
-            getattr(item, "parent", None),
-        )
-        if (
-            cell is None
-            or not hasattr(parent, "nb")
-            or report.when == "teardown"
-        ):
+        cell, parent = getattr(item, "cell", None), getattr(item, "parent", None)
+        if cell is None or not hasattr(parent, "nb") or report.when == "teardown":
             return
-        entry = self.notebooks.setdefault(
-            Path(str(parent.fspath)),
-            {
-                "nb": parent.nb,
-                "ok": True,
-                "count": 0,
-                "start": time.perf_counter(),
-            },
-        )
+        entry = self.notebooks.setdefault(Path(str(parent.fspath)), {"nb": parent.nb, "ok": True, "count": 0,
+                                                                      "start": time.perf_counter()})
         entry["ok"] &= not report.failed and not report.skipped
         if report.when == "call" and APPENDED not in cell.metadata:
-            entry["end"] = (
-                time.perf_counter()
-            )  # the chapter's run time ends with its own last cell
-        if (
-            report.when == "call"
-            and cell.metadata.get(APPENDED) == "figure-text-check"
-        ):
-            printed = "".join(
-                out.get("text", "")
-                for out in item.test_outputs or []
-                if out.get("output_type") == "stream"
-            )
-            report.user_properties.append(
-                (
-                    "figure_text",
-                    (Path(str(parent.fspath)).name, printed.strip()),
-                )
-            )
-        if (
-            report.when == "call"
-            and item.test_outputs is not None
-            and APPENDED not in cell.metadata
-        ):
-            entry["count"] += (
-                1  # the chapter's own cells are numbered 1, 2, ... as in a fresh run
-            )
+            entry["end"] = time.perf_counter()  # the chapter's run time ends with its own last cell
+        if report.when == "call" and cell.metadata.get(APPENDED) == "figure-text-check":
+            printed = "".join(out.get("text", "") for out in item.test_outputs or [] if out.get("output_type") == "stream")
+            report.user_properties.append(("figure_text", (Path(str(parent.fspath)).name, printed.strip())))
+        if report.when == "call" and item.test_outputs is not None and APPENDED not in cell.metadata:
+            entry["count"] += 1  # the chapter's own cells are numbered 1, 2, ... as in a fresh run
             cell.execution_count = entry["count"]
-            cell.outputs = [
-                _numbered(out, entry["count"]) for out in item.test_outputs
-            ]
+            cell.outputs = [_numbered(out, entry["count"]) for out in item.test_outputs]
 
     def pytest_sessionfinish(self, session):
-        executed = {
-            path: e
-            for path, e in self.notebooks.items()
-            if e["ok"] and e["count"]
-        }
+        executed = {path: e for path, e in self.notebooks.items() if e["ok"] and e["count"]}
         if not executed:
             return
         from filelock import FileLock
@@ -242,23 +166,13 @@ class ExecutedChapters:
 
         folder = book_cache_path()
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(
-            str(folder) + ".lock"
-        ):  # two test workers may store at the same time
+        with FileLock(str(folder) + ".lock"):  # two test workers may store at the same time
             cache = get_cache(str(folder))
             for path, entry in executed.items():
                 nb = without_appended(entry["nb"])
                 nbformat.validate(nb)
-                bundle = CacheBundleIn(
-                    nb,
-                    str(path),
-                    data={
-                        "execution_seconds": entry["end"] - entry["start"]
-                    },
-                )
-                cache.cache_notebook_bundle(
-                    bundle, check_validity=False, overwrite=True
-                )
+                bundle = CacheBundleIn(nb, str(path), data={"execution_seconds": entry["end"] - entry["start"]})
+                cache.cache_notebook_bundle(bundle, check_validity=False, overwrite=True)
 
 
 #: Chapters by run time, longest first, so that two test workers finish close together.
@@ -268,11 +182,7 @@ LONGEST_FIRST = ("06", "05", "08", "03", "04", "07", "02", "01", "00")
 def pytest_collection_modifyitems(items):
     """Collect the longest chapters first (xdist hands whole chapters to its workers in that order)."""
     rank = {prefix: i for i, prefix in enumerate(LONGEST_FIRST)}
-    items.sort(
-        key=lambda item: rank.get(
-            Path(str(item.fspath)).name[:2], len(rank)
-        )
-    )
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name[:2], len(rank)))
 
 
 def _numbered(output, count: int):
@@ -283,9 +193,5 @@ def _numbered(output, count: int):
 
 
 def pytest_configure(config):
-    if config.getoption("nbval_lax", default=False) or config.getoption(
-        "nbval", default=False
-    ):
-        config.pluginmanager.register(
-            ExecutedChapters(), "selagg-executed-chapters"
-        )
+    if config.getoption("nbval_lax", default=False) or config.getoption("nbval", default=False):
+        config.pluginmanager.register(ExecutedChapters(), "selagg-executed-chapters")

@@ -72,13 +72,12 @@ def resolve_backbone(name: str | os.PathLike, scale: str | None = None,
     `random:<timm name>:<seed>`), `<timm name>@<weights file>`, and a timm name (pretrained weights
     at full scale unless SELAGG_PRETRAINED=0 or `pretrained=False`; seeded random weights otherwise).
     """
-
     from .config import scale as resolve_scale
-    from .weights.hub import full_scale_img_size  # 224 px for every timm backbone
 
     text = str(name)
     if text in TINY_NAMES:
         return BackboneSpec(text, "tiny", path=tiny_checkpoint_path(text))
+    from .weights.hub import full_scale_img_size  # 224 px for every timm backbone
     arch, _, weights = text.partition("@")
     if weights and is_timm_name(arch):
         path = Path(weights).expanduser()
