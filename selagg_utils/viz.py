@@ -32,12 +32,12 @@ def show_source(obj) -> None:
         print(code)
 
 
-def diagram(name: str, **options) -> plt.Figure:
+def diagram(name: str, *args, **options) -> plt.Figure:
     """One of the book's drawings, by name (`pages.diagrams`: vit_tokens, mae, joint_embedding,
     attention_blocks, abmilp_head, paper_vs_lab), drawn by code in one colour per kind of token."""
     from .pages import diagrams
 
-    return getattr(diagrams, name)(**options)
+    return getattr(diagrams, name)(*args, **options)
 
 
 def image_grid(images: torch.Tensor, titles: list[str] | None = None, ncols: int = 8, size: float = 1.4,
