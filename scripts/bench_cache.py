@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from selagg_utils import extraction, features
+from selagg_utils.cache import entries as cache_entries
 from selagg_utils.bench.timing import median_seconds
 from selagg_utils.cache import store as token_store
 from selagg_utils.data import load_dataset  # noqa: E402
@@ -82,7 +83,7 @@ def plain_load(path: Path) -> dict[str, torch.Tensor]:
 def measure(name: str, entry: TokenSet, folder: Path, repeats: int) -> list[str]:
     """One row: entry size, load, checksum, verified load, and the checksum's share of the verified load."""
     path = folder / f"{name}.safetensors"
-    features.save_entry(path, entry)
+    cache_entries.save_entry(path, entry)
     state, meta = token_store.read_entry(path)
     load = median_seconds(lambda: plain_load(path), "cpu", repeats)
     check = median_seconds(lambda: token_store.entry_checksum(state, meta), "cpu", repeats)

@@ -4,7 +4,7 @@
     python scripts/bench_extract_memory.py --images 500,2000 --batch-size 32 --old-images 500,2000
 
 For each size, a generated Imagenette stand-in (`rehearsal.fake_imagenette`, 10 classes) is written,
-and `features.cached_tokens` extracts the train split of `imagenette.image_folder` with timm's
+and `features.cached_tokens` extracts the train split of `imagenette.folders.image_folder` with timm's
 `vit_base_patch16_224` (random weights, nothing downloaded: 197 tokens of width 768, float16) into a
 temporary cache. Every measurement runs in a fresh Python process, so that no two share a high-water
 mark: peak RSS is that process's `ru_maxrss`. Peak anonymous RSS (memory the kernel cannot drop) is
@@ -96,6 +96,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from selagg_utils import extraction, features
+    from selagg_utils.cache import entries as cache_entries
     from selagg_utils.bench.timing import lifetime_peak_rss_bytes, seconds
     from selagg_utils.cache import keys as cache_keys
     from selagg_utils.imagenette.folders import image_folder
@@ -113,10 +114,10 @@ def child(args: argparse.Namespace) -> dict:
             out["entry_bytes"] = cache_keys.entry_path(entry.key, args.cache).stat().st_size
         elif args.child == "load":
             extract = extraction.extract_blocks
-            features.extract_blocks = lambda *a, **k: sys.exit("the entry was not in the cache")
+            cache_entries.extract_blocks = lambda *a, **k: sys.exit("the entry was not in the cache")
             entry = features.cached_tokens(BACKBONE, dataset, options=extraction.ExtractOptions(progress=False),
                                            directory=args.cache)
-            features.extract_blocks = extract
+            cache_entries.extract_blocks = extract
             mean = entry.mean_patches
             out["mean_finite"] = bool(torch.isfinite(mean).all())
         else:

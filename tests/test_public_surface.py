@@ -57,3 +57,14 @@ def test_every_module_says_what_it_exports():
         module = importlib.import_module(f"selagg_utils.{name}")
         missing = [n for n in getattr(module, "__all__", None) or ["<no __all__>"] if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names what the module does not define: {missing}"
+
+
+def test_every_package_name_a_script_or_hook_uses_exists():
+    """Scripts and the book's hooks run outside the test suite's usual paths: a name they use that moved is a
+    crash on a reader's machine."""
+    files = [*(ROOT / "scripts").glob("*.py"), *(ROOT / "book" / "_ext").glob("*.py"), ROOT / "notebooks" / "conftest.py"]
+    used = {(f.name, m, n) for f in files for m, n in package_names_used(f.read_text())}
+    assert len(used) > 50, "the scan found too few names: it would pass on anything"
+    missing = [f"{where}: {m}.{n}" for where, m, n in sorted(used)
+               if not hasattr(importlib.import_module(f"selagg_utils.{m}"), n)]
+    assert not missing, "names that no longer exist:\n" + "\n".join(missing)
