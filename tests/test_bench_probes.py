@@ -1,4 +1,4 @@
-"""Tests of selagg_utils.bench_probes: probe banks, tokens kept in memory, the probe side of the ladder."""
+"""Tests of selagg_utils.bench.probe_rows: probe banks, tokens kept in memory, the probe side of the ladder."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Tests of selagg_utils.devices: device choice and names, peak tables, the one half-precision rule, autocast."""
+"""Tests of the device questions (selagg_utils.config, selagg_utils.bench.hardware): device choice and names, peak tables, the one half-precision rule, autocast."""
 from __future__ import annotations
 
 import pytest

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from selagg_utils import extraction
 from selagg_utils import features as feat
+from selagg_utils.cache import entries as cache_entries
 blob = torch.load(os.environ["DATA"])  # the parent's images: no dataset to render in every child
 data = torch.utils.data.TensorDataset(blob["images"], blob["labels"])
 def signal_and_wait(name):
@@ -224,7 +225,7 @@ def test_an_entry_another_user_cannot_read_is_not_called_damaged():
     folder = Path(tempfile.mkdtemp(prefix="selagg-shared-"))  # under /tmp: every user can reach it
     os.chmod(folder, 0o777)
     # everything is read first; then, when started as root (who reads any file), the process becomes another user
-    code = ("import os, sys; from selagg_utils.digits import cluttered_digits as c; "
+    code = ("import os, sys; from selagg_utils.data import cluttered_digits as c; "
             "from selagg_utils.features import cached_tokens as t; from selagg_utils.extraction import ExtractOptions "
             "as o; from selagg_utils.models import load_backbone as b; m, d = b('tiny-mae'), c('val', n_images=4); "
             "t('tiny-mae', d, options=o(batch_size=4, progress=False), directory=sys.argv[1], model=m) if sys.argv[2] "

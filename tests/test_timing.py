@@ -1,4 +1,4 @@
-"""Tests of selagg_utils.timing: synchronised clocks, medians, memory peaks, FLOP and parameter counts."""
+"""Tests of selagg_utils.bench.timing: synchronised clocks, medians, memory peaks, FLOP and parameter counts."""
 from __future__ import annotations
 
 import time
